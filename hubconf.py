@@ -1,0 +1,38 @@
+"""torch.hub entry points for timm-acsi.
+
+    model = torch.hub.load("<owner>/timm-acsi", "acsinet18", num_classes=7)
+    model = torch.hub.load("/path/to/timm-acsi", "acsinet18", source="local", num_classes=7)
+
+Each entry point is ``timm.create_model(name, pretrained=pretrained, **kwargs)``: every timm kwarg
+(``num_classes``, ``in_chans``, ``features_only``, ``pretrained_cfg_overlay``...) and every model kwarg
+(``attn_placement``, ``final_attn``, ``coconv_levels``, ``contextual_convs``) works.
+"""
+
+from typing import Any, Callable
+
+import timm
+from torch import nn
+
+import timm_acsi  # noqa: F401  (registers the models with timm)
+
+dependencies = ["torch", "timm", "safetensors"]
+
+
+def _entrypoint(name: str) -> Callable[..., nn.Module]:
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+    create.__name__ = create.__qualname__ = name
+    create.__doc__ = (
+        f"{timm.models.model_entrypoint(name).__doc__}\n\n"
+        f"Same as ``timm.create_model({name!r}, pretrained=pretrained, **kwargs)``."
+    )
+    return create
+
+
+coresnet18 = _entrypoint("coresnet18")
+coresnet34 = _entrypoint("coresnet34")
+coresnet50 = _entrypoint("coresnet50")
+acsinet18 = _entrypoint("acsinet18")
+acsinet34 = _entrypoint("acsinet34")
+acsinet50 = _entrypoint("acsinet50")

@@ -1,0 +1,3 @@
+from .coresnet import CoResNet
+
+__all__ = ["CoResNet"]
