@@ -1,0 +1,243 @@
+"""Params/FLOPs profiler: exact fvcore counts, FlopCounterMode cross-check, CoConv parity (which can fail), CLI."""
+
+import json
+import sys
+from typing import List
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import timm_acsi  # noqa: F401  (registers the models)
+from timm_acsi import AcsiCoordAttn, CoConv2d, profiling
+from timm_acsi.cli.profile import main
+from timm_acsi.profiling import PAPER_FIGURES, PROFILE_SPECS, profile_model
+
+RESNET18_FLOPS = 1_819_065_856  # fvcore, eval mode, 1x3x224x224 (ECOSYSTEM.md)
+RESNET18_PARAMS = 11_689_512
+REGISTERED = ["coresnet18", "coresnet34", "coresnet50", "acsinet18", "acsinet34", "acsinet50"]
+SMALL = (1, 3, 64, 64)
+
+
+def _model(name: str) -> nn.Module:
+    return timm.create_model(name)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: _model(name) for name in ("resnet18", "coresnet18", "acsinet18")}
+
+
+@pytest.fixture(scope="module")
+def profiles(models):
+    return {name: profile_model(model) for name, model in models.items()}
+
+
+def test_resnet18_exact_counts(profiles):
+    prof = profiles["resnet18"]
+    assert prof.counter == "fvcore" and prof.notice is None
+    assert prof.params == RESNET18_PARAMS
+    assert prof.flops == RESNET18_FLOPS
+    assert prof.gflops == pytest.approx(1.819065856)
+    assert prof.unsupported_ops == {"aten::add_": 8, "aten::max_pool2d": 1}
+    assert prof.input_size == (1, 3, 224, 224)
+
+
+def test_activations_equal_fvcore_activation_count_analysis(models, profiles):
+    # activations come from handles added to the FLOP trace; they must equal fvcore's own analysis
+    fvnn = profiling._import_fvcore()
+    model = models["resnet18"].eval()
+    analysis = fvnn.ActivationCountAnalysis(model, torch.zeros(1, 3, 224, 224)).unsupported_ops_warnings(False)
+    assert profiles["resnet18"].activations == analysis.total() == 2_484_712
+
+
+def test_coresnet18_identical_to_resnet18(profiles):
+    co, ref = profiles["coresnet18"], profiles["resnet18"]
+    assert (co.params, co.flops, co.activations) == (RESNET18_PARAMS, RESNET18_FLOPS, ref.activations)
+    parity = profiling.compare_profiles("coresnet18", co, "resnet18", ref)
+    assert parity.ok
+
+
+def test_acsinet18_counts(profiles):
+    prof = profiles["acsinet18"]
+    assert prof.params == 11_784_936
+    assert prof.flops == 1_820_449_728
+    assert prof.unsupported_ops == {
+        "aten::add_": 8,
+        "aten::hardswish": 9,
+        "aten::max_pool2d": 1,
+        "aten::mean": 18,
+        "aten::mul": 18,
+        "aten::sigmoid": 18,
+    }
+
+
+@pytest.mark.parametrize("name", ["resnet18", "coresnet18", "acsinet18"])
+def test_flop_counter_mode_reproduces_fvcore(models, profiles, name):
+    prof = profiles[name]
+    assert prof.cross_check_flops == prof.flops and prof.counters_agree
+    torch_prof = profile_model(models[name], counter="torch")
+    assert torch_prof.counter == "torch"
+    assert (torch_prof.flops, torch_prof.activations) == (prof.flops, prof.activations)
+
+
+def test_acsinet18_count_elementwise_cross_check(models, profiles):
+    prof = profile_model(models["acsinet18"], count_elementwise=True)
+    assert prof.flops > profiles["acsinet18"].flops
+    assert prof.cross_check_flops == prof.flops
+    assert prof.unsupported_ops == {"aten::max_pool2d": 1}
+
+
+@pytest.mark.parametrize("counter", ["fvcore", "torch"])
+def test_coordinate_attention_elementwise_costs(counter):
+    # C=64, H=W=8, rd=max(8, 64 // 32)=8. Default: conv1 64*8*16 + bn 2*8*16 + conv_h/w 2 * 8*64*8 = 16,640.
+    # Elementwise: 2 means 2*64*64 + hardswish 8*16 + 2 sigmoids 2*64*8 + 2 muls 2*64*64 = 17,536 more.
+    attn = AcsiCoordAttn(64)
+    assert profile_model(attn, (1, 64, 8, 8), counter=counter).flops == 16_640
+    assert profile_model(attn, (1, 64, 8, 8), count_elementwise=True, counter=counter).flops == 16_640 + 17_536
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_coconv_layer_parity_every_registered_model(name):
+    report = profiling.parity_report(_model(name), SMALL)
+    num_blocks = 2 + 2 + 2 if name.endswith("18") else 3 + 4 + 6  # stages 1-3 (stage 4 is level 1: a plain conv)
+    convs_per_block = 1 if name.endswith("50") else 2
+    assert len(report) == num_blocks * convs_per_block
+    assert {layer.stride for layer in report} == {1, 2}
+    assert all(layer.ok for layer in report), [layer for layer in report if not layer.ok]
+    first = report[0]  # layer1.0, at 64x64 input: 16x16 feature map
+    assert first.input_shape[-2:] == (16, 16)
+    assert first.flops == first.reference_flops == first.input_shape[1] * first.output_shape[1] * 9 * 16 * 16
+
+
+class _DuplicatedBranch(CoConv2d):
+    """A broken CoConv that computes its first branch twice (and adds it, so the output shape is unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        s = self.splits[0]
+        again = nn.functional.conv2d(x, self.weight[:s], None, self.stride, self.padding, self.dilation)
+        return torch.cat([out[:, :s] + again, out[:, s:]], dim=1)
+
+
+def _broken_coresnet18() -> nn.Module:
+    model = _model("coresnet18")
+    bad = _DuplicatedBranch(64, 64, level=4)
+    bad.weight = model.layer1[1].conv2.weight
+    model.layer1[1].conv2 = bad
+    return model
+
+
+def test_parity_check_fails_on_duplicated_branch():
+    report = {layer.name: layer for layer in profiling.parity_report(_broken_coresnet18(), SMALL)}
+    assert [n for n, layer in report.items() if not layer.ok] == ["layer1.1.conv2"]
+    dup = report["layer1.1.conv2"]
+    assert (dup.params, dup.output_shape) == (dup.reference_params, dup.reference_output_shape)  # only FLOPs differ
+    assert dup.flops * 4 == dup.reference_flops * 5
+
+
+def test_parity_check_fails_on_splits_not_summing_to_out_channels():
+    layer = CoConv2d(32, 128, level=3)
+    layer.splits = [64, 32]  # bypasses validation: 96 of 128 output channels, dilations (1, 2) used
+    (parity,) = profiling.parity_report(nn.Sequential(layer), (1, 32, 8, 8))
+    assert not parity.ok
+    assert parity.params == parity.reference_params
+    assert parity.flops * 4 == parity.reference_flops * 3
+    assert (parity.output_shape[1], parity.reference_output_shape[1]) == (96, 128)
+
+
+def test_fallback_without_fvcore(monkeypatch):
+    model = _model("coresnet18")
+    expected = profile_model(model, SMALL, parity=True)
+    monkeypatch.setitem(sys.modules, "fvcore.nn", None)  # makes `import fvcore.nn` raise ImportError
+    prof = profile_model(model, SMALL, parity=True)
+    assert prof.counter == "torch" and "fvcore could not count" in prof.notice
+    assert (prof.flops, prof.activations, prof.params) == (expected.flops, expected.activations, expected.params)
+    assert [lp.flops for lp in prof.layer_parity] == [lp.flops for lp in expected.layer_parity]
+    assert all(lp.ok for lp in prof.layer_parity)
+    with pytest.raises(ImportError):
+        profile_model(model, SMALL, counter="fvcore")
+
+
+def test_compiled_model_profiles_original_module():
+    compiled = torch.compile(AcsiCoordAttn(64))  # fvcore cannot trace the wrapper; nothing gets compiled here
+    prof = profile_model(compiled, (1, 64, 8, 8))
+    assert (prof.flops, prof.counter, prof.notice) == (16_640, "fvcore", None)
+
+
+def test_counts_in_eval_mode_and_restores_modes():
+    model = _model("resnet18").train()
+    model.fc.eval()
+    assert profile_model(model).flops == RESNET18_FLOPS  # training-mode batch-norm would count more
+    assert model.training and model.layer1.training and not model.fc.training
+
+
+def test_paper_figures_match_spec_params():
+    for spec in PROFILE_SPECS.values():
+        if spec.paper:
+            params = sum(p.numel() for p in profiling.build_model(spec).parameters())
+            assert round(params / 1e6, 2) == PAPER_FIGURES[spec.paper].params_m, spec.name
+
+
+def test_resolve_specs():
+    names = [s.name for s in profiling.resolve_specs(["18"])]
+    assert names == ["resnet18", "coresnet18", "acsinet18", "acsinet18:stage", "acsinet18:stage+final"] + [
+        "acsinet18:block",
+        "acsinet18:final",
+    ]
+    assert [s.name for s in profiling.resolve_specs(["coresnet34"])] == ["resnet34", "coresnet34"]
+    assert [s.name for s in profiling.resolve_specs(["seresnet18"])] == ["seresnet18"]
+    with pytest.raises(ValueError, match="Unknown model 'nope'"):
+        profiling.resolve_specs(["nope"])
+
+
+def _run(argv: List[str], capsys) -> "tuple[int, str]":
+    code = main(argv, prog="timm-acsi profile")
+    return code, capsys.readouterr().out
+
+
+def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    js, md = tmp_path / "profile.json", tmp_path / "table.md"
+    argv = ["--models", "coresnet18", "--image-size", "64", "--json", str(js), "--markdown", str(md)]
+    code, out = _run(argv, capsys)
+    assert code == 0
+    assert "Parity: PASSED" in out and "1 multiply-add = 1 flop" in out and "aten::max_pool2d x1" in out
+    data = json.loads(js.read_text())
+    assert [m["name"] for m in data["models"]] == ["resnet18", "coresnet18"]
+    assert [m["params"] for m in data["models"]] == [RESNET18_PARAMS, RESNET18_PARAMS]
+    assert data["models"][0]["flops"] == data["models"][1]["flops"]
+    assert data["parity_passed"] is True and data["model_parity"][0]["ok"] is True
+    assert len(data["layer_parity"]["coresnet18"]) == 12
+    assert data["settings"]["input_size"] == [1, 3, 64, 64]
+    text = md.read_text()
+    assert "| `coresnet18`" in text and "11,689,512" in text and "| model" in text
+
+    before = js.read_text()
+    code, _ = _run(["--models", "resnet18", "--image-size", "32", "--json", str(js)], capsys)
+    assert code == 2 and js.read_text() == before  # nothing overwritten without --overwrite
+
+
+def test_cli_exit_code_on_failing_parity(monkeypatch, capsys):
+    build = profiling.build_model
+
+    def broken(spec, num_classes=1000):
+        return _broken_coresnet18() if spec.name == "coresnet18" else build(spec, num_classes)
+
+    monkeypatch.setattr(profiling, "build_model", broken)
+    code, out = _run(["--models", "coresnet18", "--image-size", "64"], capsys)
+    assert code == 1
+    assert "coresnet18: 11/12 layers equal" in out and "DIFF layer1.1.conv2" in out
+    assert "DIFF coresnet18 vs resnet18" in out and "Parity: FAILED" in out
+
+
+def test_cli_latency_and_elementwise(capsys):
+    argv = ["--models", "resnet18", "--image-size", "32", "--latency", "--warmup", "0", "--rounds", "1"]
+    code, out = _run(argv + ["--iters", "1", "--count-elementwise", "--no-parity"], capsys)
+    assert code == 0
+    assert "x resnet18" in out and "Latency: median ms" in out and "elementwise ops (add/mul" in out
+    assert "Parity:" not in out
+
+
+def test_cli_unknown_model(capsys):
+    assert main(["--models", "nope"], prog="timm-acsi profile") == 2
