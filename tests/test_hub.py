@@ -1,0 +1,481 @@
+"""Hub publishing and loading, offline: dry-run folder, hf-hub round trip from a local cache, upload via a double."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+import yaml
+from huggingface_hub.errors import HfHubHTTPError
+from safetensors.torch import load_file, save_file
+
+import timm_acsi  # noqa: F401  (registers the models)
+from timm_acsi import hub
+from timm_acsi.checkpoint import save_checkpoint
+from timm_acsi.cli import main as cli_main
+from timm_acsi.labels import FER7_LABELS
+from timm_acsi.metrics import compute_metrics
+
+REPO_ID = "test-org/acsinet18.rafdb"
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+SECRET = "hf_TESTSECRETdonotprint0123456789"
+
+
+def _meta(input_size=(3, 32, 32)):
+    """Checkpoint meta as training writes it, for a 7-class acsinet18."""
+    return dict(
+        architecture="acsinet18",
+        num_classes=7,
+        label_names=list(FER7_LABELS),
+        model_args={},
+        input_size=list(input_size),
+        dataset="RAF-DB",
+        epoch=3,
+        metric={"name": "val_acc", "value": 0.5},
+    )
+
+
+def _state_dict(name="acsinet18", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kwargs).state_dict()
+
+
+def _logits(folder_or_sd, x, **kwargs):
+    model = timm.create_model("acsinet18", num_classes=7, **kwargs).eval()
+    sd = (
+        load_file(str(Path(folder_or_sd) / "model.safetensors")) if not isinstance(folder_or_sd, dict) else folder_or_sd
+    )
+    model.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("hub")
+
+
+@pytest.fixture
+def fast_profile(monkeypatch):
+    """Skip the FLOP count where it is not under test (the 224x224 and CLI dry runs count for real)."""
+    monkeypatch.setattr(hub, "_profile", lambda model, input_size: (sum(p.numel() for p in model.parameters()), 0))
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(work):
+    """7-class acsinet18 checkpoint with meta, published at 32x32 (fast)."""
+    path = work / "small" / "best.safetensors"
+    save_checkpoint(path, _state_dict(num_classes=7), _meta())
+    return path
+
+
+@pytest.fixture(scope="module")
+def metrics_file(work):
+    """The training helper's metrics.json format, from a real confusion matrix."""
+    cm = 9 * torch.eye(7, dtype=torch.int64)
+    cm[1:, 0] = 1  # one face of every other class predicted as anger
+    cm[0] = torch.tensor([8, 1, 0, 0, 1, 0, 0])  # 10 anger faces, 8 right
+    path = work / "metrics.json"
+    path.write_text(json.dumps(compute_metrics(cm, FER7_LABELS, dataset="RAF-DB", split="test")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def published(work, metrics_file):
+    """Dry-run publish of a 224x224 acsinet18 (the only 224 profile in this file)."""
+    ckpt = work / "full" / "best.safetensors"
+    save_checkpoint(ckpt, _state_dict(num_classes=7, seed=1), _meta(input_size=(3, 224, 224)))
+    out = work / "full" / "hub"
+    result = hub.publish(ckpt, REPO_ID, metrics=metrics_file, dry_run_dir=out)
+    return result, out, ckpt
+
+
+def test_dry_run_writes_a_timm_repo(published):
+    result, out, ckpt = published
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert result.files == ("README.md", "config.json", "model.safetensors") and result.folder == out
+    assert result.params == 11_275_527
+    assert round(result.gflops, 2) == 1.82
+
+    sd = load_file(str(ckpt))
+    published_sd = load_file(str(out / "model.safetensors"))
+    assert published_sd.keys() == sd.keys() and all(torch.equal(sd[k], published_sd[k]) for k in sd)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "acsinet18" and cfg["num_classes"] == 7 and cfg["num_features"] == 512
+    assert cfg["global_pool"] == "avg" and cfg["label_names"] == list(FER7_LABELS)
+    assert cfg["model_args"] == {"num_classes": 7, "in_chans": 3, "global_pool": "avg"}
+    pcfg = cfg["pretrained_cfg"]
+    expected = dict(
+        input_size=[3, 224, 224],
+        pool_size=[7, 7],
+        crop_pct=0.875,
+        crop_mode="center",
+        interpolation="bilinear",
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        num_classes=7,
+        label_names=list(FER7_LABELS),
+        first_conv="conv1",
+        classifier="fc",
+        license="other",
+        paper_ids="doi:10.3390/e24070882",
+    )
+    assert {k: pcfg[k] for k in expected} == expected
+    assert "RAF-DB" in pcfg["description"] and "import timm_acsi" in pcfg["description"]
+    assert not {"url", "hf_hub_id", "file", "tag"} & pcfg.keys()  # no source of the ImageNet init leaks in
+
+
+def test_model_card(published):
+    _, out, _ = published
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    front, body = text[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "timm" and meta["pipeline_tag"] == "image-classification"
+    assert meta["tags"][:3] == ["image-classification", "timm", "facial-expression-recognition"]
+    assert "transformers" not in meta["tags"]
+    assert meta["license"] == "other" and meta["datasets"] == ["RAF-DB"] and meta["metrics"] == ["accuracy"]
+    results = meta["model-index"][0]["results"]
+    # 62 of 70 correct; per-class recalls 0.8 (anger), 0.9 (the other six)
+    assert [(m["name"], m["value"]) for r in results for m in r["metrics"]] == [
+        ("Top-1 accuracy (%)", round(100 * 62 / 70, 2)),
+        ("Mean class accuracy (%)", round(100 * (0.8 + 6 * 0.9) / 7, 2)),
+    ]
+    assert results[0]["dataset"]["split"] == "test"
+    for line in (
+        "| Params (M) | 11.28 (11,275,527) |",
+        "| GFLOPs | 1.82 at 224x224 (fvcore convention: one multiply-add = one FLOP) |",
+        "| 0 | anger |",
+        "| 3 | happiness |",
+        "| 6 | neutral |",
+        "| Top-1 accuracy | 88.57 |",
+        "| anger accuracy | 80.00 |",
+        "| happiness | 1 | 0 | 0 | 9 | 0 | 0 | 0 |",
+        "Measured on RAF-DB, split `test`, 70 images.",
+        "pip install timm-acsi",
+        "import timm_acsi  # registers coresnet*/acsinet* with timm",
+        f'model = timm.create_model("hf-hub:{REPO_ID}", pretrained=True).eval()',
+        "cfg = timm.data.resolve_data_config({}, model=model)",
+        'labels = model.pretrained_cfg["label_names"]',
+        "doi:10.3390/e24070882",
+    ):
+        assert line in body, line
+    assert "no plugin discovery" in body
+
+
+def _lay_into_cache(folder: Path, cache: Path, repo_id: str) -> None:
+    """ECOSYSTEM.md's offline recipe: a snapshot folder plus refs/main holding its hash (no newline)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / SNAPSHOT
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snap / name).write_bytes((folder / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+
+
+def test_hf_hub_load_offline_gives_identical_logits(published, work):
+    _, out, _ = published
+    cache = work / "hf_cache"
+    _lay_into_cache(out, cache, REPO_ID)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    save_file({"x": x, "logits": _logits(out, x)}, str(work / "expected.safetensors"))
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, timm, timm_acsi
+        from safetensors.torch import load_file
+        exp = load_file({str(work / "expected.safetensors")!r})
+        model = timm.create_model("hf-hub:{REPO_ID}", pretrained=True).eval()
+        with torch.no_grad():
+            y = model(exp["x"])
+        assert torch.equal(y, exp["logits"]), (y - exp["logits"]).abs().max()
+        assert list(model.pretrained_cfg["label_names"]) == {list(FER7_LABELS)!r}, model.pretrained_cfg
+        assert model.pretrained_cfg["hf_hub_id"] == {REPO_ID!r}
+        print("OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(work / "hf_home"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-3000:]
+
+
+def test_local_dir_and_file_overlay_load_identically(small_ckpt, work, fast_profile):
+    out = work / "small_hub"
+    hub.publish(small_ckpt, REPO_ID, dry_run_dir=out)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    expected = _logits(load_file(str(small_ckpt)), x)
+    local = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert list(local.pretrained_cfg["label_names"]) == list(FER7_LABELS)
+    overlay = timm.create_model(
+        "acsinet18.rafdb", pretrained=True, pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(local(x), expected) and torch.equal(overlay(x), expected)
+
+
+def test_fer_tags_without_weights_raise():
+    with pytest.raises(RuntimeError, match=r"No weights are published for acsinet18\.rafdb.*hf-hub:ORG/NAME"):
+        timm.create_model("acsinet18.rafdb", pretrained=True)
+
+
+class FakeApi:
+    """HfApi double: records calls, snapshots the uploaded folder, never touches the network."""
+
+    def __init__(self, existing=(), fail=None):
+        self.calls, self.uploaded, self.existing, self.fail = [], {}, list(existing), fail
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        if self.fail is not None:
+            raise self.fail
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def list_repo_files(self, repo_id, **kwargs):
+        self.calls.append(("list_repo_files", repo_id, kwargs))
+        return self.existing
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        self.uploaded = {p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()}
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc")
+
+
+def test_upload_through_cli_with_api_double(small_ckpt, metrics_file, monkeypatch, capsys, fast_profile):
+    api = FakeApi()
+    monkeypatch.setattr(hub, "HfApi", lambda: api)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    argv = [
+        "publish",
+        "--checkpoint",
+        str(small_ckpt),
+        "--repo-id",
+        REPO_ID,
+        "--private",
+        "--metrics",
+        str(metrics_file),
+    ]
+    assert cli_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err
+    assert [c[0] for c in api.calls] == ["create_repo", "list_repo_files", "upload_folder"]
+    assert api.calls[0] == ("create_repo", REPO_ID, dict(private=True, exist_ok=True, repo_type="model"))
+    upload = api.calls[2][2]
+    assert upload["revision"] == "main" and upload["repo_type"] == "model" and "token" not in upload
+    assert (
+        upload["commit_message"]
+        == f"Upload acsinet18 (7 classes, RAF-DB): top-1 88.57% with timm-acsi {timm_acsi.__version__}"
+    )
+    assert sorted(api.uploaded) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads(api.uploaded["config.json"])["label_names"] == list(FER7_LABELS)
+    assert not Path(upload["folder_path"]).exists()  # built in a temporary folder, cleaned up
+    assert f"published {REPO_ID}@main" in out and "commit: https://huggingface.co/" in out
+
+
+def test_upload_to_branch_refuses_existing_files_without_overwrite(small_ckpt, fast_profile):
+    api = FakeApi(existing=[".gitattributes", "model.safetensors", "README.md"])
+    with pytest.raises(FileExistsError, match=r"already holds README\.md, model\.safetensors: pass --overwrite"):
+        hub.publish(small_ckpt, REPO_ID, revision="v2", api=api)
+    assert "upload_folder" not in [c[0] for c in api.calls]
+    assert api.calls[1] == ("create_branch", REPO_ID, dict(branch="v2", exist_ok=True, repo_type="model"))
+
+    result = hub.publish(small_ckpt, REPO_ID, revision="v2", overwrite=True, commit_message="retrain", api=api)
+    upload = api.calls[-1][2]
+    assert upload["revision"] == "v2" and upload["commit_message"] == "retrain" == result.commit_message
+    assert api.calls[0][2]["private"] is False
+
+
+@pytest.mark.parametrize(
+    "fail, error, match",
+    [
+        (
+            HfHubHTTPError("401 Client Error", response=SimpleNamespace(status_code=401, headers={}, request=None)),
+            PermissionError,
+            r"HTTP 401.*hf auth login.*HF_TOKEN",
+        ),
+        (ConnectionError("Name or service not known"), ConnectionError, r"Could not reach the Hub.*--dry-run OUT_DIR"),
+    ],
+)
+def test_hub_failures_name_the_fix(small_ckpt, monkeypatch, fail, error, match):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    with pytest.raises(error, match=match) as e:
+        hub.publish(small_ckpt, REPO_ID, api=FakeApi(fail=fail))
+    assert SECRET not in str(e.value)
+
+
+def test_wrong_architecture_is_refused(work):
+    ckpt = work / "coresnet.safetensors"
+    save_checkpoint(ckpt, _state_dict("coresnet18", num_classes=7), _meta())
+    with pytest.raises(ValueError) as e:
+        hub.publish(ckpt, REPO_ID, dry_run_dir=work / "never")
+    assert "does not load strictly into acsinet18 (7 classes): 72 missing keys (layer1.0.se.conv1.weight" in str(
+        e.value
+    )
+    assert "look like coresnet18 (or resnet18: same weight layout), 7-class head" in str(e.value)
+    assert "--model" in str(e.value) and not (work / "never").exists()
+
+
+def test_resnet50_weights_are_refused(work):
+    ckpt = work / "resnet50.pth"
+    torch.save(_state_dict("resnet50", num_classes=7), ckpt)
+    with pytest.raises(ValueError) as e:
+        hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=FER7_LABELS, dry_run_dir=work / "never")
+    msg = str(e.value)
+    assert "unexpected keys (layer1.0.conv3.weight" in msg and "shape-mismatched keys" in msg
+    assert "look like coresnet50 (or resnet50: same weight layout), 7-class head" in msg
+    assert len(msg) < 1000  # short, unlike torch's full key listing
+
+
+def test_wrong_class_count_is_refused(work):
+    ckpt = work / "eight.safetensors"
+    save_checkpoint(ckpt, _state_dict(num_classes=8), _meta())  # meta claims 7
+    with pytest.raises(ValueError, match=r"classifier has 8 outputs but num_classes is 7 \(pass --num-classes 8") as e:
+        hub.publish(ckpt, REPO_ID, dry_run_dir=work / "never")
+    assert "keys" not in str(e.value).split("Its keys look like")[0]  # the head explains it all
+    assert "look like acsinet18, 8-class head" in str(e.value)
+
+
+def test_describe_state_dict_names_placement_variants():
+    sd = _state_dict("acsinet18", attn_placement="stage")
+    assert hub.describe_state_dict(sd) == 'acsinet18 with model_args {"attn_placement": "stage"}, 1000-class head'
+    assert hub.describe_state_dict({"head.weight": torch.zeros(2)}).startswith("not a ResNet-family")
+
+
+def _make_marker(path):
+    Path(path).write_text("unpickled")
+    return {}
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _make_marker, (self.marker,)
+
+
+def test_pickled_checkpoint_is_refused_without_unpickling(work):
+    marker = work / "was_unpickled"
+    ckpt = work / "pickled.pth"
+    torch.save({"state_dict": _state_dict(num_classes=7), "extra": Payload(str(marker))}, ckpt)
+    with pytest.raises(ValueError, match=r"weights_only=True.*never unpickles.*safetensors"):
+        hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=FER7_LABELS, dry_run_dir=work / "never")
+    assert not marker.exists()
+
+
+def test_plain_tensor_pth_is_accepted_with_flags(work, fast_profile):
+    sd = _state_dict(num_classes=7, seed=5)
+    ckpt = work / "plain.pth"
+    torch.save({"state_dict": sd, "epoch": 3}, ckpt)
+    out = work / "plain_hub"
+    labels = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]  # spellings canonicalised
+    result = hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=labels, dry_run_dir=out)
+    assert result.spec.label_names == FER7_LABELS and result.spec.input_size == (3, 224, 224)
+    published_sd = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(sd[k], published_sd[k]) for k in sd)
+
+
+def test_existing_output_folder_refused_then_replaced(small_ckpt, work, fast_profile):
+    out = work / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"already exists and is not empty.*--overwrite"):
+        hub.publish(small_ckpt, REPO_ID, dry_run_dir=out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    hub.publish(small_ckpt, REPO_ID, dry_run_dir=out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert not [p for p in work.iterdir() if p.name.startswith(".taken.")]  # no temporary folder left
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(label_names=FER7_LABELS[:6]), r"--label-names \['anger'.*'surprise'\] \(checkpoint meta: \['anger'"),
+        (dict(model="coresnet18"), r"--model 'coresnet18' \(checkpoint meta: 'acsinet18'\)"),
+        (dict(num_classes=8), r"--num-classes 8 \(checkpoint meta: 7\)"),
+        (dict(label_names=FER7_LABELS[::-1]), r"--label-names \['neutral'"),
+        (dict(repo_id="no-namespace"), r"repo_id must be 'ORG/NAME'"),
+    ],
+)
+def test_bad_arguments_are_refused(small_ckpt, work, kwargs, match):
+    repo_id = kwargs.pop("repo_id", REPO_ID)
+    with pytest.raises(ValueError, match=match):
+        hub.publish(small_ckpt, repo_id, dry_run_dir=work / "never", **kwargs)
+
+
+def test_missing_meta_needs_label_names_and_known_architecture(work):
+    ckpt = work / "nometa.pth"
+    torch.save(_state_dict(num_classes=7), ckpt)
+    with pytest.raises(ValueError, match=r"no meta naming its architecture: pass --model"):
+        hub.publish(ckpt, REPO_ID, label_names=FER7_LABELS, dry_run_dir=work / "never")
+    with pytest.raises(ValueError, match=r"No label names.*--label-names"):
+        hub.publish(ckpt, REPO_ID, model="acsinet18", dry_run_dir=work / "never")
+    with pytest.raises(ValueError, match=r"6 label names for a 7-class head; pass exactly one name per class"):
+        hub.publish(
+            ckpt, REPO_ID, model="acsinet18", num_classes=7, label_names=FER7_LABELS[:6], dry_run_dir=work / "never"
+        )
+    with pytest.raises(ValueError, match=r"classifier has 7 outputs but num_classes is 6 \(pass --num-classes 7"):
+        hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=FER7_LABELS[:6], dry_run_dir=work / "never")
+    with pytest.raises(ValueError, match=r"acsinet18 does not accept model_args \{\"bogus\": 1\}"):
+        hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=FER7_LABELS, model_args={"bogus": 1})
+    with pytest.raises(ValueError, match=r"'resnet18' is not a timm-acsi architecture; use one of: acsinet18"):
+        hub.publish(ckpt, REPO_ID, model="resnet18", label_names=FER7_LABELS, dry_run_dir=work / "never")
+
+
+def test_non_finite_forward_is_refused(work):
+    sd = _state_dict(num_classes=7)
+    sd["fc.bias"] = torch.full_like(sd["fc.bias"], float("nan"))
+    ckpt = work / "nan.safetensors"
+    save_checkpoint(ckpt, sd, _meta())
+    with pytest.raises(ValueError, match=r"NaN/inf logits"):
+        hub.publish(ckpt, REPO_ID, dry_run_dir=work / "never")
+
+
+def test_metrics_schemas(work):
+    alt = work / "alt_metrics.json"
+    alt.write_text(json.dumps({"top1": 86.86, "balanced_acc": 79.5, "per_class": {"happy": 95.0, "Angry": 80.25}}))
+    m = hub.load_eval_metrics(alt, FER7_LABELS)
+    assert (m.accuracy, m.mean_class_accuracy) == (86.86, 79.5)
+    assert m.per_class_accuracy == {"happiness": 95.0, "anger": 80.25} and m.dataset is None
+
+    reordered = work / "reordered.json"
+    reordered.write_text(json.dumps({"accuracy": 0.8, "label_names": list(FER7_LABELS[::-1])}))
+    with pytest.raises(ValueError, match=r"computed with label order \['neutral'.*evaluate the published checkpoint"):
+        hub.load_eval_metrics(reordered, FER7_LABELS)
+    empty = work / "empty.json"
+    empty.write_text("{}")
+    with pytest.raises(ValueError, match=r"has no accuracy: expected one of accuracy, top1"):
+        hub.load_eval_metrics(empty, FER7_LABELS)
+
+
+def test_cli_dry_run_and_errors(small_ckpt, work, capsys):
+    out = work / "cli_hub"
+    argv = [
+        "publish",
+        "--model",
+        "acsinet18",
+        "--checkpoint",
+        str(small_ckpt),
+        "--repo-id",
+        REPO_ID,
+        "--dry-run",
+        str(out),
+    ]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "loads strictly into acsinet18 (7 classes)" in printed and "params: 11,275,527" in printed
+    assert "0=anger, 1=disgust" in printed and f"dry run: wrote {out} (nothing uploaded)" in printed
+    assert cli_main(argv) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*argv[:-2], "--model-args", "[1]"])
+    assert "--model-args: must be a JSON object" in capsys.readouterr().err
