@@ -1,0 +1,98 @@
+"""Training throughput (images/s, forward + backward + SGD step) of timm's resnet18 vs coresnet18 vs acsinet18.
+
+All models are measured in the same process, in interleaved rounds (A B C A B C ...) so that a change in
+machine load hits every model alike; the median round is reported with its ratio to resnet18::
+
+    python benchmarks/train_throughput.py                       # batch 32 at 224x224, the paper's setting
+    python benchmarks/train_throughput.py --device cuda --amp --channels-last
+"""
+
+import argparse
+import statistics
+import time
+from typing import Dict, List
+
+import timm
+import torch
+
+import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
+
+BASELINE = "resnet18"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=[BASELINE, "coresnet18", "acsinet18"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before measuring")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per model per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if BASELINE not in args.models:
+        args.models.insert(0, BASELINE)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    criterion = torch.nn.CrossEntropyLoss()
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    setups = {}
+    for name in args.models:
+        model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=memory_format).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        setups[name] = (model, optimizer)
+
+    def step(name: str) -> None:
+        model, optimizer = setups[name]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for name in args.models:
+        for _ in range(args.warmup):
+            step(name)
+    _sync(device)
+    rates: Dict[str, List[float]] = {name: [] for name in args.models}
+    for _ in range(args.rounds):
+        for name in args.models:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step(name)
+            _sync(device)
+            rates[name].append(args.iters * args.batch_size / (time.perf_counter() - start))
+
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(
+        f"train step throughput, batch {args.batch_size} at {args.img_size}x{args.img_size}, {device}{threads}, "
+        f"amp={args.amp}, channels_last={args.channels_last}, median of {args.rounds} rounds x {args.iters} steps"
+    )
+    base = statistics.median(rates[BASELINE])
+    print(f"{'model':<12} {'images/s':>10} {'min':>8} {'max':>8} {'vs resnet18':>12}")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"{name:<12} {median:>10.1f} {min(values):>8.1f} {max(values):>8.1f} {median / base:>12.3f}")
+
+
+if __name__ == "__main__":
+    main()

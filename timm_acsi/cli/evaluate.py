@@ -1,0 +1,79 @@
+"""``timm-acsi evaluate``: accuracy, mean-class accuracy, per-class accuracy and confusion matrix of a checkpoint.
+
+Model, classes and input size come from the checkpoint's description (``best.json`` next to
+``best.safetensors``, or its safetensors header); outputs are matched to the dataset's classes by name.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..metrics import format_metrics, plot_confusion_matrix, save_metrics
+from ..train import evaluate_checkpoint
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a checkpoint on a split of a FER dataset.")
+    parser.add_argument("--checkpoint", required=True, help=".safetensors checkpoint (or .pth read without unpickling)")
+    parser.add_argument("--data", required=True, help="dataset root")
+    parser.add_argument("--split", default="test", help="train, val or test (default: test)")
+    parser.add_argument("--layout", default="auto", help="auto, folder, rafdb or affectnet (default: auto)")
+    parser.add_argument("--tta-flip", action="store_true", help="average the softmax of each image and its mirror")
+    parser.add_argument("--out", help="folder for metrics.json and confusion_matrix.png")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    parser.add_argument("--model", help="architecture, for checkpoints without a description (e.g. acsinet18)")
+    parser.add_argument("--num-classes", type=int, help="7 or 8, for checkpoints without a description")
+    parser.add_argument("--img-size", type=int, help="centre-crop size (default: the checkpoint's input size)")
+    parser.add_argument("--resize", type=int, help="resize before cropping (default: img-size * 256 / 224)")
+    parser.add_argument("--dataset-name", help="dataset name written into metrics.json (default: from the layout)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--workers", type=int, default=4, help="data loading workers (default: 4)")
+    parser.add_argument("--device", help="device (default: cuda if available, else cpu)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--skip-unreadable", action="store_true", help="skip unreadable images instead of failing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
+    args = build_parser(prog).parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        metrics = evaluate_checkpoint(
+            args.checkpoint,
+            args.data,
+            split=args.split,
+            layout=args.layout,
+            model_name=args.model,
+            num_classes=args.num_classes,
+            img_size=args.img_size,
+            resize=args.resize,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            amp=args.amp,
+            tta_flip=args.tta_flip,
+            skip_unreadable=args.skip_unreadable,
+            dataset_name=args.dataset_name,
+            progress=not args.quiet,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+    if args.out:
+        out = Path(args.out)
+        save_metrics(out / "metrics.json", metrics)
+        tta = " (flip TTA)" if args.tta_flip else ""
+        title = f"{Path(args.checkpoint).stem} on {metrics['dataset']} {metrics['split']}{tta}"
+        plot_confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], out / "confusion_matrix.png", title)
+        if not args.json:
+            print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
