@@ -8,18 +8,19 @@ Each entry point is ``timm.create_model(name, pretrained=pretrained, **kwargs)``
 (``attn_placement``, ``final_attn``, ``coconv_levels``, ``contextual_convs``) works.
 """
 
-from typing import Any, Callable
+from typing import Any as _Any
+from typing import Callable as _Callable
 
 import timm
-from torch import nn
+from torch import nn as _nn
 
 import timm_acsi  # noqa: F401  (registers the models with timm)
 
 dependencies = ["torch", "timm", "safetensors"]
 
 
-def _entrypoint(name: str) -> Callable[..., nn.Module]:
-    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def _entrypoint(name: str) -> _Callable[..., _nn.Module]:
+    def create(pretrained: bool = False, **kwargs: _Any) -> _nn.Module:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 
     create.__name__ = create.__qualname__ = name

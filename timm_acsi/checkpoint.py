@@ -84,7 +84,7 @@ def read_checkpoint_meta(path: PathLike) -> Optional[Dict[str, Any]]:
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
-    """Find the state dict in a training checkpoint dict and strip DDP's ``module.`` prefix."""
+    """Find the state dict in a training checkpoint dict, without DDP's ``module.`` prefix."""
     if isinstance(obj, dict):
         for key in ("state_dict_ema", "state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):
@@ -92,7 +92,12 @@ def _unwrap_state_dict(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} holds no state dict of tensors (found {type(obj).__name__}).")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return _strip_ddp_prefix(obj)
+
+
+def _strip_ddp_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix DistributedDataParallel adds to every key."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
 def load_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
@@ -108,7 +113,7 @@ def load_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[D
     if path.suffix == ".safetensors":
         meta = read_checkpoint_meta(path)
         try:
-            return load_file(str(path)), meta
+            return _strip_ddp_prefix(load_file(str(path))), meta
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}).") from e
     if path.suffix not in PICKLE_SUFFIXES:

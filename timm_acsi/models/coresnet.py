@@ -75,6 +75,10 @@ class CoResNet(ResNet):
             raise ValueError(f"attn_placement must be one of {ATTN_PLACEMENTS}, got {attn_placement!r}.")
         if len(coconv_levels) != len(layers):
             raise ValueError(f"coconv_levels needs one level per stage ({len(layers)}), got {list(coconv_levels)}.")
+        if any(not isinstance(lv, int) or lv < 1 for lv in coconv_levels):
+            raise ValueError(f"coconv_levels must be integers >= 1 (1 = plain conv), got {list(coconv_levels)}.")
+        if contextual_convs is not None and not contextual_convs:
+            raise ValueError("contextual_convs=() makes no conv contextual; use coconv_levels=(1, 1, 1, 1) for that.")
         block_args = dict(block_args or {})
         if attn_placement == "block":
             block_args["attn_layer"] = attn_layer
@@ -86,7 +90,9 @@ class CoResNet(ResNet):
         stages = [getattr(self, info["module"]) for info in self.feature_info[1:]]
         for stage, level in zip(stages, coconv_levels):
             for blk in stage:
-                names = contextual_convs or (("conv1", "conv2") if isinstance(blk, BasicBlock) else ("conv2",))
+                names = contextual_convs
+                if names is None:
+                    names = ("conv1", "conv2") if isinstance(blk, BasicBlock) else ("conv2",)
                 for name in names:
                     conv = getattr(blk, name, None)
                     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (3, 3):
@@ -104,6 +110,14 @@ class CoResNet(ResNet):
             stages[-1].add_module("final_attn", attn_layer(self.num_features, **dd))
         if attn_placement == "stage" or final_attn:
             self.init_weights(zero_init_last=zero_init_last)  # ResNet's init, now covering the new modules
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """As ResNet's, with stage and final attention grouped with the last block of their stage."""
+        if coarse:
+            return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)")
+        blocks = [(r"^layer(\d+)\.(\d+)", None), (r"^layer(\d+)\.(?:attn|final_attn)\.", (99999,))]
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=blocks)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CoResNet) -> Dict[str, torch.Tensor]:
@@ -177,12 +191,16 @@ def _in1k_cfg(resnet: str, tag: str) -> Dict[str, Any]:
 
 
 def _cfgs(model: str, resnet: str) -> Dict[str, Dict[str, Any]]:
-    """Tags of one model. timm makes the first tag with weights the default: FER tags once published."""
+    """Tags of one model; the FER-7 RAF-DB head is the default (``*``).
+
+    timm's ``generate_default_cfgs`` lets a later tag with weights displace an earlier ``*`` default, so the
+    ImageNet tags (which have weights) come first and the starred FER tag after them.
+    """
     return {
-        f"{model}.rafdb": _fer_cfg("RAF-DB (basic)"),
-        f"{model}.affectnet7": _fer_cfg("AffectNet-7"),
         f"{model}.tv_in1k": _in1k_cfg(resnet, "tv_in1k"),
         f"{model}.a1_in1k": _in1k_cfg(resnet, "a1_in1k"),
+        f"{model}.rafdb*": _fer_cfg("RAF-DB (basic)"),
+        f"{model}.affectnet7": _fer_cfg("AffectNet-7"),
     }
 
 
