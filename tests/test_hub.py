@@ -43,6 +43,7 @@ def _meta(input_size=(3, 32, 32)):
 
 def _state_dict(name="acsinet18", seed=0, **kwargs):
     torch.manual_seed(seed)
+    kwargs.setdefault("num_classes", 1000)
     return timm.create_model(name, **kwargs).state_dict()
 
 

@@ -21,7 +21,7 @@ SMALL = (1, 3, 64, 64)
 
 
 def _model(name: str) -> nn.Module:
-    return timm.create_model(name)
+    return timm.create_model(name, num_classes=1000)  # the paper's head
 
 
 @pytest.fixture(scope="module")
