@@ -221,6 +221,9 @@ def test_init_checkpoint_loads_resnet18_weights(tmp_path):
     assert torch.equal(model.conv1.weight, resnet.conv1.weight)
     assert torch.equal(model.layer3[1].conv2.weight, resnet.layer3[1].conv2.weight)
     assert model.fc.out_features == 7
+    # the default tag is the 7-class FER config: the 1000-class ImageNet head is dropped all the same
+    plain = create_model(dataclasses.replace(cfg, model="acsinet18"))
+    assert torch.equal(plain.layer3[1].conv2.weight, resnet.layer3[1].conv2.weight) and plain.fc.out_features == 7
     with pytest.raises(FileNotFoundError, match="init_checkpoint"):
         create_model(dataclasses.replace(cfg, init_checkpoint=str(tmp_path / "nope.safetensors")))
 

@@ -127,7 +127,9 @@ class TrainConfig:
     model_args: Dict[str, Any] = _opt({}, "extra create_model kwargs, KEY=VALUE (e.g. attn_placement=stage)")
     pretrained: bool = _opt(False, "initialise from the model tag's weights (e.g. acsinet18.tv_in1k: ImageNet)")
     init_checkpoint: Optional[str] = _opt(
-        None, "initialise from a local .safetensors file (head kept if the tag's num_classes match)"
+        None,
+        "initialise from a local weights file (.safetensors, or .pth read with weights_only); a classifier "
+        "of another size (e.g. ImageNet's) is re-initialised",
     )
     # optimisation
     opt: str = _opt("momentum", "timm optimizer name (momentum = SGD with momentum, sgd = Nesterov)")
@@ -422,7 +424,13 @@ def create_model(cfg: TrainConfig) -> nn.Module:
     if cfg.init_checkpoint:
         if not Path(cfg.init_checkpoint).is_file():
             raise FileNotFoundError(f"init_checkpoint {cfg.init_checkpoint} does not exist.")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.init_checkpoint))
+        # Tell timm the file's head size, so that a head of another size (ImageNet's 1000 classes) is dropped
+        # and re-initialised for cfg.num_classes whatever the tag's config says.
+        head = load_checkpoint(cfg.init_checkpoint)[0].get("fc.weight")
+        overlay = dict(file=str(cfg.init_checkpoint))
+        if head is not None:
+            overlay["num_classes"] = head.shape[0]
+        kwargs["pretrained_cfg_overlay"] = overlay
     pretrained = cfg.pretrained or bool(cfg.init_checkpoint)
     return timm.create_model(cfg.model, pretrained=pretrained, num_classes=cfg.num_classes, **kwargs)
 
