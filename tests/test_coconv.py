@@ -8,14 +8,7 @@ from torch import nn
 
 from timm_acsi.layers import CoConv2d, coconv_splits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny workloads, and a busy shared CPU makes OpenMP threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_conv(co: CoConv2d) -> nn.ModuleList:

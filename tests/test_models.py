@@ -47,14 +47,7 @@ LAYERS = {"18": (2, 2, 2, 2), "34": (3, 4, 6, 3), "50": (3, 4, 6, 3)}
 STAGE_CHS = {"18": (64, 128, 256, 512), "34": (64, 128, 256, 512), "50": (256, 512, 1024, 2048)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny workloads gain nothing from more, and on a busy shared CPU OpenMP threads
-    waiting on each other make every op tens of times slower (measured: 4 s vs 0.2 s for one backward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _depth(name: str) -> str:

@@ -22,13 +22,7 @@ FER_TAGS = [f"{n}.{t}" for n in MODEL_NAMES for t in ("rafdb", "affectnet7")]
 IN1K_TAGS = [f"{n}.{t}" for n in MODEL_NAMES for t in ("tv_in1k", "a1_in1k")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny workloads, and a busy shared CPU makes OpenMP threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
