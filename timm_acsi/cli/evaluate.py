@@ -7,6 +7,7 @@ Model, classes and input size come from the checkpoint's description (``best.jso
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +31,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--resize", type=int, help="resize before cropping (default: img-size * 256 / 224)")
     parser.add_argument("--dataset-name", help="dataset name written into metrics.json (default: from the layout)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    parser.add_argument("--workers", type=int, default=4, help="data loading workers (default: 4)")
+    workers = min(4, os.cpu_count() or 1)
+    parser.add_argument(
+        "--workers", type=int, default=workers, help=f"data loading workers (default: min(4, CPUs) = {workers})"
+    )
     parser.add_argument("--device", help="device (default: cuda if available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--skip-unreadable", action="store_true", help="skip unreadable images instead of failing")
