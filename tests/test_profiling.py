@@ -231,12 +231,27 @@ def test_cli_exit_code_on_failing_parity(monkeypatch, capsys):
     assert "DIFF coresnet18 vs resnet18" in out and "Parity: FAILED" in out
 
 
-def test_cli_latency_and_elementwise(capsys):
-    argv = ["--models", "resnet18", "--image-size", "32", "--latency", "--warmup", "0", "--rounds", "1"]
-    code, out = _run(argv + ["--iters", "1", "--count-elementwise", "--no-parity"], capsys)
+def test_cli_latency_and_elementwise(capsys, tmp_path):
+    argv = ["--models", "coresnet18", "--image-size", "32", "--latency", "--warmup", "0", "--rounds", "1"]
+    argv += ["--iters", "1", "--count-elementwise", "--no-parity", "--json", str(tmp_path / "t.json")]
+    code, out = _run(argv, capsys)
     assert code == 0
-    assert "x resnet18" in out and "Latency: median ms" in out and "elementwise ops (add/mul" in out
+    assert "ms cpu" in out and "x resnet18" in out and "Latency: median ms" in out and "elementwise ops (add/mul" in out
     assert "Parity:" not in out
+    data = json.loads((tmp_path / "t.json").read_text())
+    expected_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    assert data["settings"]["latency_devices"] == expected_devices  # GPU measured too when present
+    rows = {m["name"]: m for m in data["models"]}
+    assert set(rows) == {"resnet18", "coresnet18"}  # the baseline is added and measured in the same run
+    assert rows["resnet18"]["latency_ratio"] == {d: 1.0 for d in expected_devices}
+    assert rows["coresnet18"]["latency"]["cpu"]["median_ms"] > 0
+
+
+def test_cli_latency_on_missing_cuda_is_an_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code = main(["--models", "resnet18", "--latency", "--device", "cpu", "cuda"], prog="timm-acsi profile")
+    assert code == 2 and "CUDA, which is not available" in capsys.readouterr().err
 
 
 def test_cli_unknown_model(capsys):

@@ -50,7 +50,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip the per-layer and whole-model parity checks")
     p.add_argument("--layers", action="store_true", help="print the verdict of every CoConv2d layer")
     p.add_argument("--latency", action="store_true", help="measure forward latency (benchmark; adds resnet18)")
-    p.add_argument("--device", default="cpu", help="latency device, e.g. cpu, cuda (default cpu; counts use cpu)")
+    p.add_argument(
+        "--device",
+        nargs="+",
+        metavar="DEVICE",
+        help="latency devices, e.g. cpu cuda (default: cpu, plus cuda when a GPU is present; counts use cpu)",
+    )
     p.add_argument("--channels-last", action="store_true", help="latency with channels_last memory format")
     p.add_argument("--warmup", type=int, default=3, help="latency warm-up forwards per model (default 3)")
     p.add_argument("--rounds", type=int, default=7, help="latency rounds; the median is reported (default 7)")
@@ -83,7 +88,7 @@ def _diff(ours: float, paper: float) -> str:
 def _table(
     specs: List[ProfileSpec],
     profiles: Dict[str, ModelProfile],
-    latency: Optional[Dict[str, profiling.Latency]],
+    latency: Optional[Dict[str, Dict[str, profiling.Latency]]],
     num_classes: int,
     markdown: bool,
 ) -> str:
@@ -93,7 +98,9 @@ def _table(
     headers = ["model", "params", "M"] + (["paper M", "diff M"] if paper_params else [])
     headers += ["FLOPs", "GFLOPs"] + (["paper G", "diff G"] if paper_flops else []) + ["acts (M)"]
     if latency:
-        headers += ["ms", f"x {LATENCY_BASELINE}", "paper s", "paper x"]
+        for device in latency:
+            headers += [f"ms {device}", f"x {LATENCY_BASELINE}"]
+        headers += ["paper s", "paper x"]
     rows = []
     for spec in specs:
         prof, fig = profiles[spec.name], PAPER_FIGURES.get(spec.paper or "")
@@ -105,8 +112,9 @@ def _table(
             row += [f"{fig.gflops:.2f}", _diff(prof.gflops, fig.gflops)] if fig else ["", ""]
         row.append(f"{prof.activations / 1e6:.2f}")
         if latency:
-            lat, base = latency[spec.name], latency[LATENCY_BASELINE]
-            row += [f"{lat.median_ms:.1f}", f"{lat.median_ms / base.median_ms:.3f}"]
+            for per_model in latency.values():
+                lat, base = per_model[spec.name], per_model[LATENCY_BASELINE]
+                row += [f"{lat.median_ms:.1f}", f"{lat.median_ms / base.median_ms:.3f}"]
             paper_ratio = fig and fig.time_s / PAPER_FIGURES[profiling.PAPER_TIME_BASELINE].time_s
             row += [f"{fig.time_s:.2f}", f"{paper_ratio:.3f}"] if fig else ["", ""]
         rows.append(row)
@@ -161,7 +169,7 @@ def _markdown(
     args: argparse.Namespace,
     specs: List[ProfileSpec],
     profiles: Dict[str, ModelProfile],
-    latency: Optional[Dict[str, profiling.Latency]],
+    latency: Optional[Dict[str, Dict[str, profiling.Latency]]],
     layer_parity: Dict[str, List[LayerParity]],
     model_parity: List[ModelParity],
     settings: str,
@@ -193,7 +201,7 @@ def _argv_repro(args: argparse.Namespace) -> List[str]:
     if args.count_elementwise:
         argv.append("--count-elementwise")
     if args.latency:
-        argv += ["--latency", "--device", args.device] + (["--channels-last"] if args.channels_last else [])
+        argv += ["--latency", "--device", *args.device] + (["--channels-last"] if args.channels_last else [])
     return argv
 
 
@@ -214,7 +222,7 @@ def _json_data(
     args: argparse.Namespace,
     specs: List[ProfileSpec],
     profiles: Dict[str, ModelProfile],
-    latency: Optional[Dict[str, profiling.Latency]],
+    latency: Optional[Dict[str, Dict[str, profiling.Latency]]],
     layer_parity: Dict[str, List[LayerParity]],
     model_parity: List[ModelParity],
     versions: Dict[str, str],
@@ -226,7 +234,7 @@ def _json_data(
             "input_size": [args.batch_size, 3, args.image_size, args.image_size],
             "num_classes": args.num_classes,
             "count_elementwise": args.count_elementwise,
-            "latency_device": args.device if latency else None,
+            "latency_devices": list(latency) if latency else None,
             "channels_last": args.channels_last if latency else None,
         },
         "convention": _notes(specs, profiles)[0],
@@ -239,8 +247,12 @@ def _json_data(
                 **{k: v for k, v in asdict(profiles[s.name]).items() if k != "layer_parity"},  # listed below
                 "gflops": profiles[s.name].gflops,
                 "paper": asdict(PAPER_FIGURES[s.paper]) if s.paper else None,
-                "latency": asdict(latency[s.name]) if latency else None,
-                "latency_ratio": latency[s.name].median_ms / latency[LATENCY_BASELINE].median_ms if latency else None,
+                "latency": {d: asdict(lat[s.name]) for d, lat in latency.items()} if latency else None,
+                "latency_ratio": (
+                    {d: lat[s.name].median_ms / lat[LATENCY_BASELINE].median_ms for d, lat in latency.items()}
+                    if latency
+                    else None
+                ),
             }
             for s in specs
         ],
@@ -263,11 +275,9 @@ def main(argv: Sequence[str], prog: str) -> int:
             print(f"{prog}: {path} exists; pass --overwrite to replace it.", file=sys.stderr)
             return 2
     if args.latency:
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-            print(
-                f"{prog}: --device {args.device} asked for, but CUDA is not available; use --device cpu.",
-                file=sys.stderr,
-            )
+        args.device = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if any(torch.device(d).type == "cuda" for d in args.device) and not torch.cuda.is_available():
+            print(f"{prog}: --device {' '.join(args.device)} asks for CUDA, which is not available.", file=sys.stderr)
             return 2
         if LATENCY_BASELINE not in {s.name for s in specs}:
             specs.insert(0, profiling.PROFILE_SPECS[LATENCY_BASELINE])
@@ -299,9 +309,12 @@ def main(argv: Sequence[str], prog: str) -> int:
 
     latency = None
     if args.latency:
-        latency = profiling.measure_latency(
-            models, input_size, args.device, args.channels_last, args.warmup, args.rounds, args.iters
-        )
+        latency = {  # CPU first: measure_latency moves the models to each device in turn
+            d: profiling.measure_latency(
+                models, input_size, d, args.channels_last, args.warmup, args.rounds, args.iters
+            )
+            for d in sorted(args.device, key=lambda d: torch.device(d).type != "cpu")
+        }
 
     print()
     print(_table(specs, profiles, latency, args.num_classes, markdown=False))
@@ -319,12 +332,16 @@ def main(argv: Sequence[str], prog: str) -> int:
             f"exactly for all {len(checked)} fvcore-counted models."
         )
     if latency:
-        device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.machine()
+        hardware = ", ".join(
+            f"{d}: {torch.cuda.get_device_name(d) if torch.device(d).type == 'cuda' else platform.machine()}"
+            + ("" if torch.device(d).type == "cuda" else f" {torch.get_num_threads()} threads")
+            for d in latency
+        )
         print(
-            f"Latency: median ms per forward of batch {args.batch_size} on {args.device} ({device or 'cpu'}, "
-            f"{torch.get_num_threads()} threads{', channels_last' if args.channels_last else ''}), {args.rounds} "
-            f"rounds x {args.iters} forwards after {args.warmup} warm-up, models interleaved; 'x {LATENCY_BASELINE}' "
-            "is the ratio to timm's resnet18 in this run. The paper's times are for another machine: compare ratios."
+            f"Latency: median ms per forward of batch {args.batch_size} ({hardware}"
+            f"{', channels_last' if args.channels_last else ''}), {args.rounds} rounds x {args.iters} forwards "
+            f"after {args.warmup} warm-up, models interleaved; 'x {LATENCY_BASELINE}' is the ratio to timm's "
+            "resnet18 on the same device in this run. The paper's times are for another machine: compare ratios."
         )
 
     failed = False
