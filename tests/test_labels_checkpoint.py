@@ -274,7 +274,7 @@ def test_pickled_object_refused(tmp_path):
     marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.ones(1)}, "extra": _Payload(marker)}, path)
-    with pytest.raises(ValueError, match=r"torch\.load\(weights_only=True\).*never unpickles.*safetensors"):
+    with pytest.raises(ValueError, match=r"pickled objects.*never unpickles.*weights_only=True.*safetensors"):
         load_checkpoint(path)
     assert not marker.exists()
 
@@ -282,8 +282,20 @@ def test_pickled_object_refused(tmp_path):
 def test_pickled_module_refused(tmp_path):
     path = tmp_path / "whole_model.pt"
     torch.save(nn.Linear(2, 2), path)
-    with pytest.raises(ValueError, match=r"cannot be read with torch\.load\(weights_only=True\)"):
+    with pytest.raises(ValueError, match=r"holds pickled objects, which timm-acsi never unpickles"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_torch"])
+def test_corrupt_pth_is_not_called_a_pickle(tmp_path, damage):
+    """A damaged file is reported as damaged, not as 'holds pickled objects' (which sends users the wrong way)."""
+    path = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(30_000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:5_000] if damage == "truncated" else b"hello world")
+    with pytest.raises(ValueError, match=r"not a readable torch file .*corrupt, truncated or of another format") as e:
+        load_checkpoint(path)
+    assert "pickled" not in str(e.value)
 
 
 def test_pth_without_state_dict_refused(tmp_path):

@@ -9,6 +9,7 @@ with ``torch.load(weights_only=True)``: nothing is ever unpickled.
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -120,11 +121,16 @@ def load_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[D
         raise ValueError(f"Unknown checkpoint type {path.suffix!r}: use .safetensors (or .pth/.pt/.bin/.ckpt).")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or others depending on content
+    except pickle.UnpicklingError as e:  # what weights_only raises for anything but tensors and plain values
         raise ValueError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}): it holds "
-            "pickled objects, which timm-acsi never unpickles. Re-save its state dict as safetensors "
-            "in the environment that made it: safetensors.torch.save_file(model.state_dict(), 'model.safetensors')."
+            f"{path} holds pickled objects, which timm-acsi never unpickles (torch.load(weights_only=True) refused "
+            "it). Re-save its state dict as safetensors in the environment that made it: "
+            "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')."
+        ) from e
+    except Exception as e:  # a truncated zip (OSError, RuntimeError), or not a torch file at all (KeyError...)
+        raise ValueError(
+            f"{path} is not a readable torch file ({type(e).__name__}: {e}): it is corrupt, truncated or of another "
+            "format; re-download or re-save it."
         ) from e
     side = sidecar_path(path)
     return _unwrap_state_dict(obj, path), (json.loads(side.read_text()) if side.is_file() else None)
