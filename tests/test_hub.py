@@ -27,9 +27,10 @@ SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 SECRET = "hf_TESTSECRETdonotprint0123456789"
 
 
-def _meta(input_size=(3, 32, 32)):
-    """Checkpoint meta as training writes it, for a 7-class acsinet18."""
+def _meta(input_size=(3, 32, 32), **extra):
+    """Checkpoint meta as training writes it, for a 7-class acsinet18 (no crop_pct, like older checkpoints)."""
     return dict(
+        **extra,
         architecture="acsinet18",
         num_classes=7,
         label_names=list(FER7_LABELS),
@@ -160,7 +161,9 @@ def test_model_card(published):
         "| anger accuracy | 80.00 |",
         "| happiness | 1 | 0 | 0 | 9 | 0 | 0 | 0 |",
         "Measured on RAF-DB, split `test`, 70 images.",
-        "pip install timm-acsi",
+        "| Preprocessing | resize + center crop (crop_pct 0.875), bilinear interpolation, mean [0.485, 0.456, 0.406]",
+        "```bash\npip install timm-acsi\n```\n\n(or `pip install .` from a checkout of timm-acsi)",
+        "published with timm-acsi.",
         "import timm_acsi  # registers coresnet*/acsinet* with timm",
         f'model = timm.create_model("hf-hub:{REPO_ID}", pretrained=True).eval()',
         "cfg = timm.data.resolve_data_config({}, model=model)",
@@ -168,7 +171,7 @@ def test_model_card(published):
         "doi:10.3390/e24070882",
     ):
         assert line in body, line
-    assert "no plugin discovery" in body
+    assert "no plugin discovery" in body and "pypi.org" not in text  # not released yet: no dead link
 
 
 def _lay_into_cache(folder: Path, cache: Path, repo_id: str) -> None:
@@ -368,7 +371,7 @@ def test_pickled_checkpoint_is_refused_without_unpickling(work):
     marker = work / "was_unpickled"
     ckpt = work / "pickled.pth"
     torch.save({"state_dict": _state_dict(num_classes=7), "extra": Payload(str(marker))}, ckpt)
-    with pytest.raises(ValueError, match=r"weights_only=True.*never unpickles.*safetensors"):
+    with pytest.raises(ValueError, match=r"never unpickles.*weights_only=True.*safetensors"):
         hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=FER7_LABELS, dry_run_dir=work / "never")
     assert not marker.exists()
 
@@ -385,16 +388,98 @@ def test_plain_tensor_pth_is_accepted_with_flags(work, fast_profile):
     assert all(torch.equal(sd[k], published_sd[k]) for k in sd)
 
 
-def test_existing_output_folder_refused_then_replaced(small_ckpt, work, fast_profile):
-    out = work / "taken"
+def _listing(folder):
+    """Every file under ``folder`` with its bytes, to prove nothing was touched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+HUB_LISTING = ["README.md", "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_folder_with_other_files_is_refused_and_kept(small_ckpt, tmp_path, fast_profile, overwrite):
+    out = tmp_path / "keep"
+    (out / "sub").mkdir(parents=True)
+    (out / "important.txt").write_text("precious")
+    (out / "sub" / "notes.txt").write_text("mine")
+    (out / "model.safetensors").write_text("old")  # a Hub file next to foreign ones changes nothing
+    (out / "README.md").mkdir()  # a Hub name that is not a file is foreign
+    before = _listing(out)
+    with pytest.raises(FileExistsError, match=r"holds README\.md, important\.txt, sub, which are not Hub files.*"):
+        hub.publish(small_ckpt, REPO_ID, dry_run_dir=out, overwrite=overwrite)
+    assert _listing(out) == before and (out / "README.md").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no temporary folder left
+
+
+def test_checkpoint_folder_is_refused(tmp_path, fast_profile):
+    run = tmp_path / "runs" / "a"
+    ckpt = run / "best.safetensors"
+    save_checkpoint(ckpt, _state_dict(num_classes=7), _meta())
+    before = _listing(run)
+    with pytest.raises(
+        FileExistsError, match=r"best\.safetensors lies in the --dry-run folder .*a new or empty folder"
+    ):
+        hub.publish(ckpt, REPO_ID, dry_run_dir=run, overwrite=True)
+    assert _listing(run) == before
+    # a checkpoint named like a Hub file, alone in its folder: still its own folder, still refused
+    bare = tmp_path / "bare" / "model.safetensors"
+    bare.parent.mkdir()
+    bare.write_bytes(ckpt.read_bytes())
+    with pytest.raises(FileExistsError, match=r"lies in the --dry-run folder"):
+        hub.publish(bare, REPO_ID, dry_run_dir=bare.parent, overwrite=True)
+    assert bare.read_bytes() == ckpt.read_bytes()
+
+
+def test_current_directory_as_output(small_ckpt, tmp_path, monkeypatch, fast_profile):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "important.txt").write_text("precious")
+    monkeypatch.chdir(busy)
+    with pytest.raises(FileExistsError, match=r"The output folder \. holds important\.txt, which are not Hub"):
+        hub.publish(small_ckpt, REPO_ID, dry_run_dir=".", overwrite=True)
+    assert _listing(busy) == {"important.txt": b"precious"}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    result = hub.publish(small_ckpt, REPO_ID, dry_run_dir=".")
+    assert result.files == tuple(HUB_LISTING) and sorted(p.name for p in empty.iterdir()) == HUB_LISTING
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty"]  # temporary folder removed
+    assert torch.equal(load_file("model.safetensors")["fc.weight"], load_file(str(small_ckpt))["fc.weight"])
+
+
+def test_overwrite_replaces_only_the_hub_files(small_ckpt, tmp_path, fast_profile):
+    out = tmp_path / "hub"
     out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"already exists and is not empty.*--overwrite"):
+    (out / "README.md").write_text("old card")
+    (out / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds README\.md, config\.json from an earlier.*--overwrite"):
         hub.publish(small_ckpt, REPO_ID, dry_run_dir=out)
-    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert _listing(out) == {"README.md": b"old card", "config.json": b"{}"}
+
+    inode = out.stat().st_ino
     hub.publish(small_ckpt, REPO_ID, dry_run_dir=out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert not [p for p in work.iterdir() if p.name.startswith(".taken.")]  # no temporary folder left
+    assert sorted(p.name for p in out.iterdir()) == HUB_LISTING
+    assert out.stat().st_ino == inode  # the folder itself is kept, only its files are replaced
+    assert (out / "README.md").read_text().startswith("---\n")
+    assert json.loads((out / "config.json").read_text())["label_names"] == list(FER7_LABELS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no temporary folder left
+
+
+def test_crop_pct_comes_from_the_checkpoint(tmp_path, fast_profile):
+    ckpt = tmp_path / "best.safetensors"
+    save_checkpoint(ckpt, _state_dict(num_classes=7), _meta(crop_pct=1.0))
+    out = tmp_path / "hub"
+    result = hub.publish(ckpt, REPO_ID, dry_run_dir=out)
+    assert result.spec.crop_pct == 1.0
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["crop_pct"] == 1.0
+    assert "center crop (crop_pct 1.0)," in (out / "README.md").read_text()
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["crop_pct"] == 1.0 and cfg["input_size"] == (3, 32, 32)
+    assert timm.data.create_transform(**cfg).transforms[0].size == 32  # resize straight to the crop size
+    with pytest.raises(ValueError, match=r"crop_pct 0 is not a positive number"):
+        hub.resolve_publish_spec(_meta(crop_pct=0))
 
 
 @pytest.mark.parametrize(
@@ -476,7 +561,19 @@ def test_cli_dry_run_and_errors(small_ckpt, work, capsys):
     assert "loads strictly into acsinet18 (7 classes)" in printed and "params: 11,275,527" in printed
     assert "0=anger, 1=disgust" in printed and f"dry run: wrote {out} (nothing uploaded)" in printed
     assert cli_main(argv) == 2
-    assert "already exists and is not empty" in capsys.readouterr().err
+    assert "already holds README.md, config.json, model.safetensors from an earlier dry run" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    run_dir = [*argv[:-1], str(small_ckpt.parent)]
+    for bad_argv, match in (
+        ([*argv, "--overwrite"], "which are not Hub files"),
+        ([*argv[:-1], str(out / "notes.txt")], "notes.txt is a file"),
+        ([*run_dir, "--overwrite"], "lies in the --dry-run folder"),
+    ):
+        assert cli_main(bad_argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("timm-acsi publish: error: ") and captured.err.count("\n") == 1
+        assert match in captured.err and captured.out == ""
+    assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(SystemExit):
         cli_main([*argv[:-2], "--model-args", "[1]"])
     assert "--model-args: must be a JSON object" in capsys.readouterr().err

@@ -46,6 +46,9 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
+# The PyPI name once released; until then the card also says how to install from a checkout.
+INSTALL_COMMAND = "pip install timm-acsi"
+DEFAULT_CROP_PCT = 0.875  # the paper's test preprocessing: resize to 256, centre crop 224
 CARD_TAGS = ("image-classification", "timm", "facial-expression-recognition", "emotion-recognition", "timm-acsi")
 PAPER_CITATION = (
     'Li, X.; Zhu, C.; Zhou, F. "Facial Expression Recognition: One Attention-Modulated Contextual Spatial '
@@ -84,6 +87,7 @@ class PublishSpec:
     label_names: Tuple[str, ...]
     model_args: Dict[str, Any] = field(default_factory=dict)
     input_size: Tuple[int, int, int] = (3, 224, 224)
+    crop_pct: float = DEFAULT_CROP_PCT
     dataset: Optional[str] = None
     license: str = "other"
 
@@ -132,6 +136,8 @@ def resolve_publish_spec(
 
     Architecture and label names are required (from the meta or the arguments); ``num_classes`` defaults
     to the number of label names. Label names are canonicalised (``happy`` -> ``happiness``), never reordered.
+    ``crop_pct`` (the eval crop size over the resize size) comes from the meta; checkpoints without it get
+    the paper's 224/256.
     """
     meta = dict(meta or {})
     names = tuple(label_names) if label_names is not None else None
@@ -175,12 +181,19 @@ def resolve_publish_spec(
             "output, in the order of the model's outputs (e.g. anger,disgust,fear,happiness,sadness,surprise,neutral)."
         )
     n = num_classes or meta.get("num_classes") or len(names)
+    crop_pct = meta["crop_pct"] if meta.get("crop_pct") is not None else DEFAULT_CROP_PCT
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not crop_pct > 0:
+        raise ValueError(
+            f"The checkpoint meta's crop_pct {crop_pct!r} is not a positive number (eval crop size / resize size, "
+            "e.g. 0.875 for 224/256): fix the checkpoint's meta."
+        )
     return PublishSpec(
         architecture=architecture,
         num_classes=int(n),
         label_names=check_label_names(names, int(n)),
         model_args=dict(model_args if model_args is not None else meta.get("model_args") or {}),
         input_size=tuple(meta.get("input_size") or (3, 224, 224)),
+        crop_pct=float(crop_pct),
         dataset=dataset or meta.get("dataset"),
         license=license or "other",
     )
@@ -270,15 +283,16 @@ def build_checked_model(spec: PublishSpec, state_dict: Mapping[str, torch.Tensor
 
 
 def _fer_pretrained_cfg(spec: PublishSpec) -> Dict[str, Any]:
-    """The architecture's FER-tag preprocessing with the published classes, input size and licence."""
+    """The architecture's FER-tag preprocessing with the published classes, input size, crop and licence."""
     fer = get_pretrained_cfg(f"{spec.architecture}.rafdb").to_dict()
-    keep = ("crop_pct", "crop_mode", "interpolation", "mean", "std", "first_conv", "classifier", "paper_ids")
+    keep = ("crop_mode", "interpolation", "mean", "std", "first_conv", "classifier", "paper_ids")
     cfg = {k: fer[k] for k in keep}
     trained = f" trained on {spec.dataset}" if spec.dataset else ""
     cfg.update(
         num_classes=spec.num_classes,
         label_names=list(spec.label_names),
         input_size=tuple(spec.input_size),
+        crop_pct=spec.crop_pct,
         pool_size=(spec.input_size[1] // 32, spec.input_size[2] // 32),
         license=spec.license,
         description=(
@@ -403,7 +417,7 @@ def make_model_card(
         f"# Model card for {name}",
         "",
         f"A facial expression recognition model for [timm](https://github.com/huggingface/pytorch-image-models), "
-        f"published with [timm-acsi](https://pypi.org/project/timm-acsi/). **{what}**",
+        f"published with timm-acsi. **{what}**",
         "",
         "CoResNet replaces a ResNet's 3x3 convolutions with contextual convolutions (parallel 3x3 branches "
         "with dilations 1..4 over the same input, levels 4/3/2/1 in the four stages; same weights and FLOPs as "
@@ -481,8 +495,10 @@ def make_model_card(
         "## Usage",
         "",
         "```bash",
-        "pip install timm-acsi",
+        INSTALL_COMMAND,
         "```",
+        "",
+        "(or `pip install .` from a checkout of timm-acsi)",
         "",
         "timm has no plugin discovery: `import timm_acsi` registers the architecture with timm and is required "
         "before `timm.create_model`.",
@@ -524,17 +540,31 @@ def _profile(model: nn.Module, input_size: Sequence[int]) -> Tuple[int, int]:
     return prof.params, prof.flops
 
 
-def _check_out_dir(out_dir: PathLike, overwrite: bool) -> Path:
-    """Refuse a file, or a non-empty folder unless ``overwrite``: nothing the user had is replaced unasked."""
+def _check_out_dir(out_dir: PathLike, overwrite: bool) -> None:
+    """Refuse a folder holding anything but Hub files, and Hub files unless ``overwrite``.
+
+    Replacing touches only :data:`HUB_FILES`, so nothing else the user had (a training run, the checkpoint
+    being published, the current directory) can be lost, whatever the flags.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file: choose a folder path for the Hub files.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if not out_dir.is_dir():
+        return
+    entries = sorted(out_dir.iterdir())
+    foreign = [p.name for p in entries if p.name not in HUB_FILES or p.is_symlink() or not p.is_file()]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(
-            f"The output folder {out_dir} already exists and is not empty: choose a new folder, or pass "
-            "--overwrite (overwrite=True) to replace it."
+            f"The output folder {out_dir} holds {shown}, which are not Hub files ({', '.join(HUB_FILES)}): pass "
+            "a new or empty folder to --dry-run (dry_run_dir). Nothing was changed; --overwrite only replaces "
+            "Hub files from an earlier dry run."
         )
-    return out_dir
+    if entries and not overwrite:
+        raise FileExistsError(
+            f"The output folder {out_dir} already holds {', '.join(p.name for p in entries)} from an earlier dry "
+            "run: pass --overwrite (overwrite=True) to replace them, or choose a new folder."
+        )
 
 
 def write_hub_folder(
@@ -547,28 +577,29 @@ def write_hub_folder(
 ) -> Tuple[int, int]:
     """Write ``model.safetensors``, ``config.json`` and ``README.md`` for ``repo_id`` into ``out_dir``.
 
-    A non-empty ``out_dir`` is replaced only with ``overwrite=True``, and only once the new folder is
-    complete. Returns ``(params, flops)`` from the profiler.
+    ``out_dir`` must be new, empty, or hold only these files; they are replaced only with ``overwrite=True``,
+    each by an atomic rename once all three are complete, and nothing else in ``out_dir`` is touched.
+    Returns ``(params, flops)`` from the profiler.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and is not empty, and ``overwrite`` is not set.
+        FileExistsError: ``out_dir`` holds other files, or Hub files and ``overwrite`` is not set.
     """
-    out_dir = _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite)
     params, flops = _profile(model, spec.input_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"  # mkdir, not mkdtemp: keep the umask's mode
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    out_dir, resolved = Path(out_dir), Path(out_dir).resolve()  # resolved: '.' has no name and no usable parent
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    # next to out_dir, so each os.replace is a rename on one filesystem
+    tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", suffix=".tmp", dir=resolved.parent))
     try:
         model_config = {"label_names": list(spec.label_names), "pretrained_cfg": _fer_pretrained_cfg(spec)}
         save_for_hf(model, tmp, model_config=model_config, model_args=spec.model_args, safe_serialization=True)
         (tmp / "README.md").write_text(make_model_card(spec, repo_id, params, flops, metrics))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
+        _check_out_dir(out_dir, overwrite)  # again: the folder may have changed while profiling and writing
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in HUB_FILES:
+            os.replace(tmp / name, out_dir / name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return params, flops
 
 
@@ -608,13 +639,19 @@ def publish(
 
     Raises:
         ValueError: the checkpoint, its meta, the arguments or the metrics file do not fit together.
-        FileExistsError: ``dry_run_dir`` or the Hub revision already holds files and ``overwrite`` is not set.
+        FileExistsError: ``dry_run_dir`` holds files other than the Hub files (or the checkpoint), or the Hub
+            files are already in ``dry_run_dir`` or at the Hub revision and ``overwrite`` is not set.
         PermissionError: the Hub refused the credentials.
         ConnectionError: the Hub could not be reached.
     """
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise ValueError(f"repo_id must be 'ORG/NAME' (e.g. my-org/acsinet18.rafdb), got {repo_id!r}.")
     if dry_run_dir is not None:
+        if Path(checkpoint).exists() and Path(checkpoint).resolve().parent == Path(dry_run_dir).resolve():
+            raise FileExistsError(
+                f"The checkpoint {checkpoint} lies in the --dry-run folder {dry_run_dir}: pass a new or empty "
+                "folder to --dry-run (dry_run_dir), so that nothing next to the checkpoint is replaced."
+            )
         _check_out_dir(dry_run_dir, overwrite)  # fail before the slow checks
     state_dict, meta = load_checkpoint(checkpoint)
     spec = resolve_publish_spec(meta, model, num_classes, label_names, model_args, dataset, license)

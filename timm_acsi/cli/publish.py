@@ -54,8 +54,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--revision", default="main", help="branch to commit to (created if missing; default: main)")
     p.add_argument("--commit-message", help="commit message (default: describes model, dataset and accuracy)")
-    p.add_argument("--dry-run", metavar="OUT_DIR", help="write the repo files to OUT_DIR and upload nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR / files on the Hub revision")
+    p.add_argument("--dry-run", metavar="OUT_DIR", help="write the Hub files to a new or empty OUT_DIR; upload nothing")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the Hub files already in OUT_DIR (from an earlier dry run) or on the Hub revision",
+    )
     return p
 
 
