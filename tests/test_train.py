@@ -7,6 +7,7 @@ images, 28 px crops) on the CPU. One shared run (module fixture) serves most ass
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import timm_acsi.train as train_mod
 from timm_acsi.checkpoint import read_checkpoint_meta, save_checkpoint
 from timm_acsi.cli import evaluate as evaluate_cli
 from timm_acsi.cli import train as train_cli
-from timm_acsi.labels import FER7_LABELS
+from timm_acsi.labels import FER7_LABELS, canonical_label
 from timm_acsi.train import (
     RUN_FILES,
     DistInfo,
@@ -228,6 +229,82 @@ def test_init_checkpoint_loads_resnet18_weights(tmp_path):
         create_model(dataclasses.replace(cfg, init_checkpoint=str(tmp_path / "nope.safetensors")))
 
 
+def test_init_checkpoint_reads_wrapped_pth_once_and_checks_keys(tmp_path):
+    """A .pth training checkpoint ({"model_state_dict": ...}, DDP "module." keys) loads; a file of another
+    architecture is refused with a short description instead of loading partly."""
+    resnet = timm.create_model("resnet18")
+    wrapped = {"model_state_dict": {f"module.{k}": v for k, v in resnet.state_dict().items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / "resnet18.pth")
+    model = create_model(TrainConfig(init_checkpoint=str(tmp_path / "resnet18.pth")))
+    assert torch.equal(model.conv1.weight, resnet.conv1.weight)
+    assert torch.equal(model.layer4[1].conv2.weight, resnet.layer4[1].conv2.weight)
+    assert torch.equal(model.layer2[0].bn1.running_mean, resnet.layer2[0].bn1.running_mean)
+
+    broken = {k: v for k, v in resnet.state_dict().items() if not k.startswith("layer4.1.")}
+    broken["neck.weight"] = torch.zeros(3)
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"missing keys \(layer4\.1\.conv1\.weight.*1 unexpected keys \(neck\.weight\)"
+    ):
+        create_model(TrainConfig(init_checkpoint=str(tmp_path / "broken.safetensors")))
+
+
+def test_init_checkpoint_keeps_a_same_size_head_in_label_order(tmp_path):
+    """A 7-class checkpoint whose head lists the classes in another order: rows are matched by name."""
+    torch.manual_seed(0)
+    source = timm.create_model("acsinet18", num_classes=7)
+    state = source.state_dict()
+    order = [5, 0, 6, 1, 4, 2, 3]  # RAF-DB's order: surprise, fear, disgust... (any permutation will do)
+    state["fc.weight"], state["fc.bias"] = state["fc.weight"][order], state["fc.bias"][order]
+    meta = {"architecture": "acsinet18", "num_classes": 7, "label_names": [FER7_LABELS[i] for i in order]}
+    save_checkpoint(tmp_path / "permuted.safetensors", state, meta)
+    model = create_model(TrainConfig(init_checkpoint=str(tmp_path / "permuted.safetensors")))
+    assert torch.equal(model.fc.weight, source.fc.weight) and torch.equal(model.fc.bias, source.fc.bias)
+    assert torch.equal(model.layer1[0].se.conv_h.weight, source.layer1[0].se.conv_h.weight)
+
+
+def test_pretrained_without_weights_fails_before_reading_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", str(tmp_path / "no-data"), "--output", str(out), "--quiet"]
+    assert train_cli.main(argv + ["--pretrained"], prog="t") == 2
+    assert capsys.readouterr().err == (
+        "t: error: --pretrained: acsinet18.rafdb has no published weights. Use an ImageNet tag "
+        "(--model acsinet18.tv_in1k) or --init-checkpoint FILE.\n"
+    )
+    assert train_cli.main(argv + ["--model", "acsinet19"], prog="t") == 2
+    assert "Unknown model 'acsinet19'" in capsys.readouterr().err
+    assert not out.exists()  # refused before the run folder or the data were touched
+
+
+def test_train_one_epoch_waits_for_the_device_once_per_epoch(monkeypatch):
+    """No host-device sync per batch: the number of tensor -> Python conversions does not grow with the batches."""
+    conversions = []
+    for name in ("__float__", "item", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real: conversions.append(1) or _real(t, *a))
+    counts = []
+    for batches in (2, 6):
+        g = torch.Generator().manual_seed(0)
+        loader = DataLoader(TensorDataset(torch.randn(4 * batches, 5, generator=g), torch.arange(4 * batches) % 3), 4)
+        model = torch.nn.Linear(5, 3)
+        optimizer, _ = create_optimizer_and_scheduler(model, TrainConfig(batch_size=4))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        conversions.clear()
+        train_mod._train_one_epoch(
+            model,
+            loader,
+            torch.nn.CrossEntropyLoss(),
+            optimizer,
+            scaler,
+            TrainConfig(batch_size=4),
+            DistInfo(),
+            "t",
+            False,
+        )
+        counts.append(len(conversions))
+    assert counts[0] == counts[1]
+
+
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -260,6 +337,7 @@ def test_checkpoint_meta(run):
     assert meta["label_names"] == list(FER7_LABELS)
     assert meta["model_args"] == {}
     assert meta["input_size"] == [3, 28, 28]
+    assert meta["crop_pct"] == 28 / 32  # img_size / resize: evaluation resizes to round(img_size / crop_pct)
     assert meta["epoch"] == best_entry["epoch"]
     assert meta["metric"] == {"name": "val_acc", "value": best_entry["val_acc"]}
     assert meta["dataset"] == "fer"
@@ -268,7 +346,9 @@ def test_checkpoint_meta(run):
     assert meta["config_hash"] == config_hash(reloaded)
     assert read_checkpoint_meta(run_dir / "last.safetensors")["epoch"] == 2
     state = torch.load(run_dir / "last_state.pt", weights_only=True)  # no unpickling needed
-    assert state["epoch"] == 2 and set(state) >= {"optimizer", "scheduler", "rng", "best"}
+    assert state["epoch"] == 2 and set(state) >= {"model", "optimizer", "scheduler", "rng", "best"}
+    last = load_file(str(run_dir / "last.safetensors"))
+    assert all(torch.equal(state["model"][k], last[k]) for k in last) and state["model"].keys() == last.keys()
     assert set(load_file(str(run_dir / "best.safetensors"))) == set(
         timm.create_model("acsinet18", num_classes=7).state_dict()
     )
@@ -278,7 +358,7 @@ def test_cli_refuses_to_overwrite_a_run(run, capsys):
     cfg, run_dir, _ = run
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     rc = train_cli.main(["--data", cfg.data, "--output", str(run_dir), "--epochs", "1", "--quiet"], prog="t")
-    assert rc == 1
+    assert rc == 2
     assert "already holds a run" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
@@ -317,6 +397,67 @@ def test_resume_continues_exactly(run, tmp_path, monkeypatch):
     assert json.loads((out / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
 
 
+def _log_results(path: Path):
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("time", "images_per_s")}
+        for line in path.read_text().splitlines()
+    ]
+
+
+def test_resume_follows_changed_schedule_settings(dataset, tmp_path, caplog):
+    """A 2-epoch cosine run resumed with --epochs 4 trains epochs 3-4 at a fresh 4-epoch cosine schedule's lrs
+    (the saved scheduler state would bring back the 2-epoch schedule: lr 0), and says what changed."""
+    cfg = _cfg(dataset, tmp_path / "cosine", sched="cosine")
+    train(cfg, progress=False)
+    longer = dataclasses.replace(cfg, epochs=4)
+    with caplog.at_level("WARNING", logger="timm_acsi.train"):
+        train(longer, resume=True, progress=False)
+    _, scheduler = create_optimizer_and_scheduler(torch.nn.Linear(1, 1), longer)
+    expected = []
+    for epoch in range(4):
+        scheduler.step(epoch)
+        expected.append(scheduler.optimizer.param_groups[0]["lr"])
+    assert expected == pytest.approx([0.02, 0.02 * (1 + 2**-0.5) / 2, 0.01, 0.02 * (1 - 2**-0.5) / 2])
+    log = _log_results(Path(cfg.output) / "log.jsonl")
+    assert [e["lr"] for e in log] == pytest.approx([0.02, 0.01, *expected[2:]])  # epochs 1-2: 2-epoch cosine
+    assert config_from_dict(load_config_file(Path(cfg.output) / "config.yaml")) == longer
+    assert "changed settings (config.yaml is updated): epochs 2 -> 4" in caplog.text
+
+
+def test_resume_after_kill_between_checkpoint_writes(run, tmp_path, monkeypatch):
+    """Killed after writing epoch 2's best.safetensors and last.safetensors, before last_state.pt: the resume
+    state (epoch 1, with its own weights) is the commit point, epoch 2 is redone and the run ends as the
+    uninterrupted one. A best.safetensors older than the state says is refused."""
+    cfg, run_dir, _ = run
+    out = tmp_path / "killed"
+    real, calls = train_mod._save_resume_state, []
+
+    def killed_at_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(train_mod, "_save_resume_state", killed_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(cfg, output=str(out)), progress=False)
+    monkeypatch.setattr(train_mod, "_save_resume_state", real)
+    assert torch.load(out / "last_state.pt", weights_only=True)["epoch"] == 1
+    assert read_checkpoint_meta(out / "best.safetensors")["epoch"] == 2  # newer than the state's best epoch (1)
+    train(dataclasses.replace(cfg, output=str(out)), resume=True, progress=False)
+
+    for name in ("last.safetensors", "best.safetensors"):
+        expected, resumed = load_file(str(run_dir / name)), load_file(str(out / name))
+        assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
+    assert _log_results(out / "log.jsonl") == _log_results(run_dir / "log.jsonl")
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
+
+    meta = read_checkpoint_meta(out / "best.safetensors")
+    save_checkpoint(out / "best.safetensors", load_file(str(out / "best.safetensors")), {**meta, "epoch": 1})
+    with pytest.raises(ValueError, match="best.safetensors is from epoch 1, but last_state.pt .* best epoch is 2"):
+        train(dataclasses.replace(cfg, output=str(out), epochs=3), resume=True, progress=False)
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 
 
@@ -331,7 +472,9 @@ def test_evaluate_cli_with_flip_tta(run, tmp_path, capsys):
     assert printed == json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert printed["num_samples"] == 42 and printed["split"] == "val"
     assert (tmp_path / "tta" / "confusion_matrix.png").is_file()
-    assert evaluate_cli.main(argv[:2] + ["--data", str(tmp_path / "nowhere")], prog="e") == 1
+    assert evaluate_cli.main(argv[:2] + ["--data", str(tmp_path / "nowhere")], prog="e") == 2
+    with pytest.raises(SystemExit):  # --layout takes the known layouts only
+        evaluate_cli.main(argv + ["--layout", "rafbd"], prog="e")
 
 
 def test_evaluate_maps_outputs_by_label_name(run, tmp_path):
@@ -346,6 +489,77 @@ def test_evaluate_maps_outputs_by_label_name(run, tmp_path):
     result = evaluate_checkpoint(tmp_path / "permuted.safetensors", cfg.data, split="val", workers=0)
     assert result["confusion_matrix"] == metrics["confusion_matrix"]
     assert result["label_names"] == list(FER7_LABELS)
+
+
+def test_evaluate_cli_never_replaces_outputs_without_overwrite(run, tmp_path, capsys, monkeypatch):
+    cfg, run_dir, metrics = run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("mine")
+    argv = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val", "--workers", "0"]
+    argv += ["--out", str(out), "--quiet"]
+    with monkeypatch.context() as m:  # refused before evaluating anything
+        m.setattr(evaluate_cli, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated"))
+        assert evaluate_cli.main(argv, prog="e") == 2
+    err = capsys.readouterr().err
+    assert "already holds metrics.json" in err and "--overwrite" in err
+    assert (out / "metrics.json").read_text() == "mine"
+    assert evaluate_cli.main(argv + ["--overwrite"], prog="e") == 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_evaluate_bare_checkpoint_needs_label_names(run, tmp_path, capsys):
+    """A .pth without a description in RAF-DB's label order: --label-names gives its order (the class count
+    comes from the classifier); without it evaluation is refused rather than scored in the wrong order."""
+    cfg, run_dir, metrics = run
+    state = load_file(str(run_dir / "best.safetensors"))
+    rafdb_order = ["surprise", "fear", "disgust", "happy", "sad", "angry", "neutral"]
+    order = [FER7_LABELS.index(canonical_label(n)) for n in rafdb_order]
+    state["fc.weight"], state["fc.bias"] = state["fc.weight"][order], state["fc.bias"][order]
+    torch.save({"model_state_dict": state}, tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="no label_names.*--label-names"):
+        evaluate_checkpoint(tmp_path / "bare.pth", cfg.data, split="val", model_name="acsinet18", workers=0)
+    argv = ["--checkpoint", str(tmp_path / "bare.pth"), "--data", cfg.data, "--split", "val", "--workers", "0"]
+    argv += ["--img-size", "28", "--quiet", "--json", "--model", "acsinet18"]  # no description: no input size
+    assert evaluate_cli.main(argv + ["--label-names", ",".join(rafdb_order)], prog="e") == 0
+    assert json.loads(capsys.readouterr().out)["confusion_matrix"] == metrics["confusion_matrix"]
+    # the wrong architecture: a short description of the file, not torch's key dump
+    assert evaluate_cli.main(argv[:-1] + ["coresnet18", "--label-names", ",".join(rafdb_order)], prog="e") == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and "does not fit coresnet18: 72 unexpected keys (layer1.0.se." in err
+        and "look like acsinet18, 7-class head" in err
+    )
+
+
+def test_evaluate_refuses_flags_contradicting_the_checkpoint(run, capsys):
+    cfg, run_dir, _ = run
+    argv = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val", "--workers", "0"]
+    assert evaluate_cli.main(argv + ["--model", "coresnet18"], prog="e") == 2
+    assert "says architecture acsinet18, not coresnet18: drop the model name (--model)" in capsys.readouterr().err
+    assert evaluate_cli.main(argv + ["--num-classes", "8"], prog="e") == 2
+    assert "says it has 7 classes, not 8: drop num_classes (--num-classes)" in capsys.readouterr().err
+    reversed_names = ",".join(reversed(FER7_LABELS))
+    assert evaluate_cli.main(argv + ["--label-names", reversed_names], prog="e") == 2
+    assert "drop label_names (--label-names)" in capsys.readouterr().err
+
+
+def test_evaluate_resizes_by_the_checkpoint_crop_pct(run, tmp_path, monkeypatch):
+    cfg, run_dir, _ = run
+    meta = {**read_checkpoint_meta(run_dir / "best.safetensors"), "crop_pct": 0.7}
+    save_checkpoint(tmp_path / "c.safetensors", load_file(str(run_dir / "best.safetensors")), meta)
+    seen = []
+
+    def spy(is_training, img_size, resize):
+        seen.append((img_size, resize))
+        raise KeyboardInterrupt  # stop before reading the data
+
+    monkeypatch.setattr(train_mod, "create_fer_transform", spy)
+    for kwargs, expected in (({}, (28, 40)), ({"img_size": 56}, (56, 80)), ({"resize": 30}, (28, 30))):
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_checkpoint(tmp_path / "c.safetensors", cfg.data, split="val", **kwargs)
+        assert seen.pop() == expected
 
 
 def test_publish_dry_run_of_trained_checkpoint(run, tmp_path, capsys):
@@ -388,7 +602,12 @@ def test_ddp_two_processes_cover_val_set_once(tmp_path):
     data = make_rafdb_dataset(tmp_path / "rafdb", per_class=3, size=32)  # 21 train / 21 test, val = test
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    cmd += ["-m", "timm_acsi.cli.train", "--data", str(data), "--output", str(out), "--epochs", "1"]
+    launch = tmp_path / "launch.py"  # the CLI, then whether it left its process group behind
+    launch.write_text(
+        "import sys\nimport torch.distributed as dist\nfrom timm_acsi.cli.train import main\n"
+        "rc = main(sys.argv[1:], 't')\nprint('process group left:', dist.is_initialized())\nsys.exit(rc)\n"
+    )
+    cmd += [str(launch), "--data", str(data), "--output", str(out), "--epochs", "1"]
     cmd += ["--img-size", "28", "--resize", "32", "--batch-size", "4", "--workers", "0", "--quiet"]
     cmd += ["--balanced", "--accum-steps", "2", "--label-smoothing", "0.1", "--channels-last"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -396,6 +615,7 @@ def test_ddp_two_processes_cover_val_set_once(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
     assert result.stdout.count("RAF-DB [test]: accuracy") == 1  # only rank 0 prints
+    assert result.stdout.count("process group left: False") == 2  # train() destroys the group it created
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["epoch"] == 1
     metrics = json.loads((out / "metrics.json").read_text())
@@ -404,3 +624,17 @@ def test_ddp_two_processes_cover_val_set_once(tmp_path):
     single = evaluate_checkpoint(out / "best.safetensors", data, split="test", workers=0)
     assert single["confusion_matrix"] == metrics["confusion_matrix"]
     assert yaml.safe_load((out / "config.yaml").read_text())["balanced"] is True
+
+
+def test_ddp_damaged_resume_state_fails_on_every_rank(run, tmp_path):
+    """A corrupt last_state.pt, read by rank 0 only: every rank stops with the error (none waits forever)."""
+    cfg, run_dir, _ = run
+    out = tmp_path / "damaged"
+    shutil.copytree(run_dir, out)
+    (out / "last_state.pt").write_bytes(b"not a torch file")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    cmd += ["-m", "timm_acsi.cli.train", "--output", str(out), "--resume", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("last_state.pt cannot be read (UnpicklingError") == 2, result.stderr

@@ -6,14 +6,16 @@ A run lives in one folder::
         config.yaml             every setting of the run (reload it with ``--config``)
         log.jsonl               one JSON object per epoch
         last.safetensors/.json  weights + description of the last epoch
-        last_state.pt           resume state: optimizer, scheduler, scaler, RNG states, best metric
+        last_state.pt           resume state: model, optimizer, scheduler, scaler, RNG states, best metric
         best.safetensors/.json  weights + description of the best epoch
         metrics.json            best epoch evaluated on the validation split (schema: :mod:`timm_acsi.metrics`)
         confusion_matrix.png
 
 The resume state holds only tensors and plain Python values, written with ``torch.save`` and read back with
 ``torch.load(weights_only=True)``: nothing is unpickled. That keeps the optimizer's nested state dict as it is,
-where safetensors would need it flattened and rebuilt. Model weights are only in the ``.safetensors`` files.
+where safetensors would need it flattened and rebuilt. Each epoch writes ``best.safetensors`` (if improved),
+then ``last.safetensors``, then ``last_state.pt``: the resume state is the commit point, and it carries its
+own copy of the model weights, so a run killed between two writes resumes from a consistent epoch.
 
 Distributed runs are launched by ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); each process
 trains on its shard, validation covers every image exactly once (unpadded shards, confusion matrices summed
@@ -41,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from timm.models import get_arch_pretrained_cfgs, resolve_pretrained_cfg, split_model_name_tag
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -51,6 +54,7 @@ from .data import LAYOUTS, build_dataset, create_fer_transform, detect_layout
 from .data.transforms import TRAIN_CROPS
 from .labels import check_label_names, label_names_for
 from .metrics import compute_metrics, confusion_matrix, plot_confusion_matrix, save_metrics
+from .models.coresnet import CoResNet, checkpoint_filter_fn
 
 __all__ = [
     "TrainConfig",
@@ -90,6 +94,9 @@ RUN_FILES = (
     "confusion_matrix.png",
 )
 BEST_METRICS = ("val_acc", "val_mean_class_acc")
+#: Errors rank 0 may hit while preparing the run folder or reading the resume state; they are shared with the
+#: other ranks (which would otherwise wait forever in the next collective).
+_SHARED_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
 DATASET_NAMES = {"rafdb": "RAF-DB", "affectnet": "AffectNet"}
 
 
@@ -418,21 +425,127 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------- model
 
 
-def create_model(cfg: TrainConfig) -> nn.Module:
-    """The model of ``cfg``, initialised from the tag's weights or ``init_checkpoint`` if asked."""
+def _check_model_source(cfg: TrainConfig) -> None:
+    """Fail before any data is read when the model name is unknown or its initial weights cannot exist."""
+    name, tag = split_model_name_tag(cfg.model)
+    if not timm.is_model(name):
+        raise ValueError(f"Unknown model {cfg.model!r}: pick a timm model name (e.g. acsinet18, coresnet50, resnet18).")
+    try:
+        pretrained_cfg = resolve_pretrained_cfg(name, pretrained_cfg=tag or None)
+    except RuntimeError as e:  # timm: "Invalid pretrained tag (...)"
+        raise ValueError(f"{e} Its tags: {', '.join(get_arch_pretrained_cfgs(name))}.") from e
+    if cfg.pretrained and cfg.init_checkpoint:
+        raise ValueError("--pretrained and --init-checkpoint both set the initial weights: pass only one.")
+    if cfg.pretrained and not (pretrained_cfg.has_weights or pretrained_cfg.state_dict is not None):
+        tags = sorted(timm.list_pretrained(name + ".*"), key=lambda n: not n.endswith(".tv_in1k"))
+        if tags:
+            kind = "an ImageNet tag" if "_in1k" in tags[0] else "a tag with weights"
+            hint = f"Use {kind} (--model {tags[0]}) or --init-checkpoint FILE."
+        else:
+            hint = "Use --init-checkpoint FILE."
+        raise ValueError(f"--pretrained: {name}.{pretrained_cfg.tag} has no published weights. {hint}")
+
+
+def _shorten(keys: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` keys, weights before BatchNorm's step counters (which say little about a mismatch)."""
+    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _load_weights(
+    model: nn.Module,
+    state_dict: Dict[str, torch.Tensor],
+    source: PathLike,
+    arch: str,
+    allow_missing: Tuple[str, ...] = (),
+) -> None:
+    """Load ``state_dict`` into ``model``. Missing keys (except under the ``allow_missing`` prefixes), unexpected
+    keys and other shapes raise a short ValueError saying what the file's keys look like, not torch's key dump."""
+    own = model.state_dict()
+    missing = [
+        k
+        for k in own
+        if k not in state_dict and not k.startswith(allow_missing) and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems = [
+        f"{len(keys)} {what} ({_shorten(keys)})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
+        if keys
+    ]
+    if problems:
+        from .hub import describe_state_dict  # imported here: the Hub client is only needed for this message
+
+        looks_like = describe_state_dict(state_dict)
+        raise ValueError(f"{source} does not fit {arch}: {'; '.join(problems)}. Its keys look like {looks_like}.")
+    model.load_state_dict(state_dict, strict=False)  # strict in effect: every mismatch was checked above
+
+
+def create_model(cfg: TrainConfig, label_names: Optional[Sequence[str]] = None) -> nn.Module:
+    """The model of ``cfg``, initialised from the tag's weights or from ``init_checkpoint`` if asked.
+
+    ``init_checkpoint`` is read once, without unpickling (:func:`~timm_acsi.checkpoint.load_checkpoint`, which
+    unwraps ``state_dict``/``model``/``model_state_dict`` and DDP's ``module.``). A classifier of another size
+    than ``cfg.num_classes`` (ImageNet's 1000 classes) is re-initialised; one of the same size is kept, its rows
+    put in the order of ``label_names`` (default: the canonical order) when the file's description records its
+    own ``label_names``. A plain ResNet file loads into CoResNet/ACSI-Net with the attention modules left at
+    their initialisation; any other missing, unexpected or reshaped tensor is an error.
+    """
+    _check_model_source(cfg)
+    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
+        raise FileNotFoundError(f"init_checkpoint {cfg.init_checkpoint} does not exist.")
     kwargs: Dict[str, Any] = dict(cfg.model_args)
-    if cfg.init_checkpoint:
-        if not Path(cfg.init_checkpoint).is_file():
-            raise FileNotFoundError(f"init_checkpoint {cfg.init_checkpoint} does not exist.")
-        # Tell timm the file's head size, so that a head of another size (ImageNet's 1000 classes) is dropped
-        # and re-initialised for cfg.num_classes whatever the tag's config says.
-        head = load_checkpoint(cfg.init_checkpoint)[0].get("fc.weight")
-        overlay = dict(file=str(cfg.init_checkpoint))
-        if head is not None:
-            overlay["num_classes"] = head.shape[0]
-        kwargs["pretrained_cfg_overlay"] = overlay
-    pretrained = cfg.pretrained or bool(cfg.init_checkpoint)
-    return timm.create_model(cfg.model, pretrained=pretrained, num_classes=cfg.num_classes, **kwargs)
+    try:
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=cfg.num_classes, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"model_args {kwargs} do not fit {cfg.model} ({e}): fix --model-args.") from e
+    if not cfg.init_checkpoint:
+        return model
+    state_dict, meta = load_checkpoint(cfg.init_checkpoint)
+    head = (model.pretrained_cfg.get("classifier") or "fc") + "."
+    head_weight = state_dict.get(head + "weight")
+    if head_weight is not None and head_weight.shape[0] != cfg.num_classes:
+        _logger.info(f"{cfg.init_checkpoint}: {head_weight.shape[0]}-class classifier dropped, {cfg.num_classes} new.")
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head)}
+    elif head_weight is not None:
+        state_dict = _head_in_label_order(state_dict, head, meta, label_names or label_names_for(cfg.num_classes), cfg)
+    if isinstance(model, CoResNet):
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    _load_weights(model, state_dict, cfg.init_checkpoint, cfg.model, allow_missing=(head,))
+    return model
+
+
+def _head_in_label_order(
+    state_dict: Dict[str, torch.Tensor],
+    head: str,
+    meta: Optional[Dict[str, Any]],
+    label_names: Sequence[str],
+    cfg: TrainConfig,
+) -> Dict[str, torch.Tensor]:
+    """A kept classifier with its rows in the run's label order (matched by name, never by index)."""
+    names = (meta or {}).get("label_names")
+    if not names:
+        _logger.warning(
+            f"{cfg.init_checkpoint} keeps its {cfg.num_classes}-class classifier but records no label_names: its "
+            f"outputs are taken to be in the order {list(label_names)}."
+        )
+        return state_dict
+    ckpt_names, run_names = check_label_names(names, cfg.num_classes), tuple(label_names)
+    if ckpt_names == run_names:
+        return state_dict
+    if set(ckpt_names) != set(run_names):
+        raise ValueError(
+            f"{cfg.init_checkpoint} classifies {list(ckpt_names)}, the run {list(run_names)}: the classifier cannot "
+            "be kept. Use a checkpoint of the same classes, or remove its classifier tensors from the file."
+        )
+    order = [ckpt_names.index(n) for n in run_names]
+    _logger.info(f"{cfg.init_checkpoint}: classifier rows reordered from {list(ckpt_names)} to {list(run_names)}.")
+    return {k: (v[order] if k.startswith(head) else v) for k, v in state_dict.items()}
 
 
 def create_optimizer_and_scheduler(model: nn.Module, cfg: TrainConfig) -> Tuple[torch.optim.Optimizer, Any]:
@@ -533,6 +646,7 @@ def evaluate_checkpoint(
     layout: str = "auto",
     model_name: Optional[str] = None,
     num_classes: Optional[int] = None,
+    label_names: Optional[Sequence[str]] = None,
     img_size: Optional[int] = None,
     resize: Optional[int] = None,
     batch_size: int = 64,
@@ -546,29 +660,53 @@ def evaluate_checkpoint(
 ) -> Dict[str, Any]:
     """Evaluate a checkpoint on one split of a dataset; returns the ``metrics.json`` dict.
 
-    Architecture, classes, label names and input size come from the checkpoint's description (arguments
-    override them; a checkpoint without one needs ``model_name``). Outputs are matched to the dataset's
-    classes by label *name*. ``resize`` defaults to the recipe's ratio, ``round(img_size * 256 / 224)``.
+    Architecture, classes, label names and preprocessing come from the checkpoint's description; arguments
+    that contradict it raise. A checkpoint without one needs ``model_name`` and ``label_names`` (the classes in
+    the order of the model's outputs; their count is the classifier's unless ``num_classes`` says otherwise).
+    Outputs are matched to the dataset's classes by label *name*. ``resize`` defaults to
+    ``round(img_size / crop_pct)`` with the checkpoint's ``crop_pct`` (the recipe's 224 / 256 if it has none).
     """
     state_dict, meta = load_checkpoint(checkpoint)
     meta = meta or {}
-    arch = model_name or meta.get("architecture")
+    arch = meta.get("architecture")
+    if model_name and arch and model_name.split(".", 1)[0] != arch:
+        raise ValueError(f"{checkpoint} says architecture {arch}, not {model_name}: drop the model name (--model).")
+    arch = arch or model_name
     if not arch:
-        raise ValueError(f"{checkpoint} has no description naming its architecture: pass the model name.")
-    n_out = num_classes or meta.get("num_classes") or len(meta.get("label_names") or []) or None
-    if num_classes and meta.get("num_classes") not in (None, num_classes):
+        raise ValueError(f"{checkpoint} has no description naming its architecture: pass the model name (--model).")
+    if not timm.is_model(arch):
+        raise ValueError(f"Unknown model {arch!r}: pass a timm model name (--model), e.g. acsinet18.")
+    meta_classes = meta.get("num_classes") or len(meta.get("label_names") or []) or None
+    if num_classes and meta_classes not in (None, num_classes):
         raise ValueError(
-            f"{checkpoint} has {meta['num_classes']} classes, not {num_classes}: drop num_classes (--num-classes)."
+            f"{checkpoint} says it has {meta_classes} classes, not {num_classes}: drop num_classes (--num-classes)."
         )
+    head = state_dict.get("fc.weight")
+    n_out = num_classes or meta_classes or (len(label_names) if label_names else None)
+    n_out = n_out or (head.shape[0] if head is not None and head.ndim == 2 else None)
     if n_out is None:
-        raise ValueError(f"{checkpoint} does not say how many classes it has: pass num_classes (7 or 8).")
-    ckpt_names = check_label_names(meta.get("label_names") or label_names_for(n_out), n_out)
+        raise ValueError(f"{checkpoint} does not say how many classes it has: pass num_classes (--num-classes 7 or 8).")
+    if meta.get("label_names"):
+        ckpt_names = check_label_names(meta["label_names"], n_out)
+        if label_names and check_label_names(label_names, n_out) != ckpt_names:
+            raise ValueError(
+                f"{checkpoint} says its outputs are {list(ckpt_names)}, not {list(label_names)}: drop label_names "
+                "(--label-names)."
+            )
+    elif label_names:
+        ckpt_names = check_label_names(label_names, n_out)
+    else:
+        raise ValueError(
+            f"{checkpoint} does not record the order of its {n_out} outputs (no label_names in its description): "
+            "pass label_names, one per output in the order of the model's outputs (e.g. --label-names "
+            "anger,disgust,fear,happiness,sadness,surprise,neutral; RAF-DB's own order starts with surprise)."
+        )
     img_size = img_size or (meta.get("input_size") or [3, 224, 224])[-1]
-    resize = resize or round(img_size * 256 / 224)
+    resize = resize or round(img_size / meta.get("crop_pct", 224 / 256))
 
     info = init_distributed(device)
     model = timm.create_model(arch, num_classes=n_out, **(meta.get("model_args") or {}))
-    model.load_state_dict(state_dict)
+    _load_weights(model, state_dict, checkpoint, arch)
     model.to(info.device)
 
     transform = create_fer_transform(False, img_size=img_size, resize=resize)
@@ -606,10 +744,16 @@ def _train_one_epoch(
     desc: str,
     progress: bool,
 ) -> Dict[str, float]:
-    """One pass over ``loader``; returns loss, accuracy and images/s over all ranks."""
+    """One pass over ``loader``; returns loss, accuracy and images/s over all ranks.
+
+    Loss and accuracy accumulate on the device: the host waits for the device only when the progress bar
+    redraws and at the end of the epoch, not at every batch.
+    """
     model.train()
     num_batches = len(loader)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
+    loss_sum = torch.zeros((), device=info.device)
+    correct = torch.zeros((), dtype=torch.int64, device=info.device)
+    count = 0
     total = num_batches * cfg.batch_size * info.world_size
     bar = tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False)
     start = time.perf_counter()
@@ -631,13 +775,15 @@ def _train_one_epoch(
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        correct = float((logits.detach().argmax(1) == y).sum())
-        totals += torch.tensor([float(loss.detach()) * len(y), correct, len(y)], dtype=torch.float64)
-        bar.update(len(y) * info.world_size)
-        bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", refresh=False)
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        count += len(y)
+        if bar.update(len(y) * info.world_size):  # True when the bar redrew (never when disabled)
+            bar.set_postfix(loss=f"{float(loss_sum) / count:.4f}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
-    totals = _all_sum(totals, info)
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(count, dtype=torch.float64)])
+    totals = _all_sum(totals.cpu(), info)
     return {
         "train_loss": float(totals[0] / totals[2]),
         "train_acc": float(totals[1] / totals[2]),
@@ -650,7 +796,61 @@ def _save_resume_state(path: Path, state: Dict[str, Any]) -> None:
 
 
 def _load_resume_state(path: Path) -> Dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
+        raise ValueError(
+            f"{path} cannot be read ({type(e).__name__}: {e}). Start the run again with --overwrite."
+        ) from e
+
+
+def _load_resume(run_dir: Path) -> Tuple[Dict[str, Any], Optional[Dict[str, torch.Tensor]], float, int]:
+    """The resume state of ``run_dir``, the best epoch's weights, its metric and its epoch, checked together.
+
+    ``last_state.pt`` is written last and holds the model weights of its epoch, so it is consistent on its own.
+    ``best.safetensors`` is written first: a run killed after writing it and before the state holds a best
+    checkpoint one epoch newer than the state; that checkpoint (and the metric in its description) is the best.
+    """
+    path = run_dir / "last_state.pt"
+    state = _load_resume_state(path)
+    try:
+        epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        if "model" not in state:  # written before the state carried the weights: last.safetensors must match
+            state["model"], meta = load_checkpoint(run_dir / "last.safetensors")
+            if (meta or {}).get("epoch") != epoch:
+                raise ValueError(
+                    f"{run_dir}: last.safetensors (epoch {(meta or {}).get('epoch')}) and last_state.pt (epoch "
+                    f"{epoch}) disagree: the run stopped while saving them. Start it again with --overwrite."
+                )
+    except KeyError as e:
+        raise ValueError(f"{path} lacks {e}: it is damaged. Start the run again with --overwrite.") from e
+    best_path, best_weights = run_dir / "best.safetensors", None
+    if best_path.is_file():
+        best_weights, meta = load_checkpoint(best_path)
+        saved = (meta or {}).get("epoch")
+        if saved == epoch + 1 and saved != best_epoch:  # killed between best.safetensors and last_state.pt
+            best, best_epoch = meta["metric"]["value"], saved
+        elif saved != best_epoch:
+            raise ValueError(
+                f"Cannot resume: {best_path} is from epoch {saved}, but last_state.pt (epoch {epoch}) says the best "
+                f"epoch is {best_epoch}: the file was replaced. Put back the run's best.safetensors, or start the "
+                "run again with --overwrite."
+            )
+    elif best_epoch:
+        raise FileNotFoundError(
+            f"Cannot resume: {best_path} (epoch {best_epoch}) is missing. Put it back, or start again with --overwrite."
+        )
+    return state, best_weights, best, best_epoch
+
+
+def _log_config_changes(cfg: TrainConfig, path: Path) -> None:
+    """Say which settings differ from the run's saved ``config.yaml`` (they apply from the resumed epoch on)."""
+    if not path.is_file():
+        return
+    saved, now = load_config_file(path), cfg.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k != "output" and k in saved and saved[k] != v]
+    if changed:
+        _logger.warning(f"Resuming with changed settings (config.yaml is updated): {', '.join(changed)}.")
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
@@ -659,16 +859,20 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     Args:
         cfg: the run's settings.
         resume: continue the run in ``cfg.output`` from its last completed epoch, exactly as if it had
-            not stopped (same batches, augmentations and optimizer state).
+            not stopped (same batches, augmentations and optimizer state). Settings that differ from the
+            run's ``config.yaml`` (logged) apply from there on: the lr schedule and the optimizer's
+            hyper-parameters are those of ``cfg``, e.g. a longer ``epochs`` stretches a cosine schedule.
         overwrite: replace the run files of an existing folder (otherwise it is refused).
         progress: show progress bars (rank 0 only).
 
     Raises:
         FileExistsError / FileNotFoundError / ValueError (single process) or RunError (all ranks of a
-        distributed run) for an occupied run folder, missing data or an invalid setting.
+        distributed run) for an occupied run folder, missing data, a damaged resume state or an invalid setting.
     """
     if not cfg.data:
         raise ValueError("No dataset: set data to the dataset root (--data ROOT).")
+    _check_model_source(cfg)
+    owns_group = dist.is_available() and not dist.is_initialized()
     info = init_distributed(cfg.device)
     was_deterministic, was_benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     if cfg.deterministic:
@@ -679,9 +883,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         torch.backends.cudnn.benchmark = True
     try:
         return _train(cfg, info, resume, overwrite, progress)
-    finally:  # leave the process's global settings as they were
+    finally:  # leave the process's global settings (and process group) as they were
         torch.use_deterministic_algorithms(was_deterministic)
         torch.backends.cudnn.benchmark = was_benchmark
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, progress: bool) -> Dict[str, Any]:
@@ -691,7 +897,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
         output = cfg.output or f"runs/{cfg.architecture}-{datetime.now():%Y%m%d-%H%M%S}"
         try:
             run_dir = prepare_run_dir(output, overwrite=overwrite, resume=resume)
-        except (FileExistsError, FileNotFoundError) as e:
+        except _SHARED_ERRORS as e:
             error = str(e)
             if not info.distributed:
                 raise
@@ -732,7 +938,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
 
     # model, optimizer, schedule
     _seed_everything(cfg.seed)  # same initial weights on every rank
-    model = create_model(cfg).to(info.device)
+    model = create_model(cfg, label_names).to(info.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = create_optimizer_and_scheduler(model, cfg)
@@ -746,30 +952,34 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
         "label_names": list(label_names),
         "model_args": dict(cfg.model_args),
         "input_size": [3, cfg.img_size, cfg.img_size],
+        "crop_pct": cfg.img_size / cfg.resize,
         "config_hash": config_hash(cfg),
         "dataset": dataset_name,
     }
-    start_epoch, best, best_state, log = 0, -math.inf, None, []
+    start_epoch, best, best_epoch, best_state, log = 0, -math.inf, 0, None, []
     if resume:
         loaded = None
         if info.is_main:
-            state = _load_resume_state(run_dir / "last_state.pt")
-            weights, meta = load_checkpoint(run_dir / "last.safetensors")
-            if (meta or {}).get("epoch") != state["epoch"]:
-                error = (
-                    f"{run_dir}: last.safetensors (epoch {(meta or {}).get('epoch')}) and last_state.pt (epoch "
-                    f"{state['epoch']}) disagree: the run stopped while saving them. Start it again with --overwrite."
-                )
-            best_weights = load_checkpoint(run_dir / "best.safetensors")[0] if state.get("best_epoch") else None
-            loaded = (state, weights, best_weights)
+            try:
+                loaded = _load_resume(run_dir)
+            except _SHARED_ERRORS as e:
+                error = str(e)
+                if not info.distributed:
+                    raise
         _raise_together(error, info)
-        state, weights, best_weights = _broadcast(loaded, info)
-        model.load_state_dict(weights)
+        state, best_state, best, best_epoch = _broadcast(loaded, info)
+        model.load_state_dict(state["model"])
+        # Optimizer: the saved buffers (momentum...), with cfg's hyper-parameters. Scheduler: rebuilt from cfg
+        # (timm's epoch schedules are functions of their arguments and the epoch; a saved one would bring back
+        # the old epochs, decay...), only a plateau scheduler's state (best metric so far) carries over.
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for group, values in zip(optimizer.param_groups, hyper):
+            group.update(values)
+        if cfg.sched == "plateau" and state.get("sched") == "plateau":
+            scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"], state["best"]
-        best_state = best_weights
+        start_epoch = state["epoch"]
         rng = state["rng"]
         if len(rng) == info.world_size:
             _set_rng_state(rng[info.rank], info.device)
@@ -777,8 +987,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
             _logger.warning(f"Resuming on {info.world_size} processes, saved on {len(rng)}: RNG streams restart.")
         log = _read_log(run_dir / "log.jsonl", start_epoch) if info.is_main else []
         if info.is_main:
+            _log_config_changes(cfg, run_dir / "config.yaml")
             _logger.info(f"Resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}.")
-    best_epoch = state["best_epoch"] if resume else 0
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
         _write_log(run_dir / "log.jsonl", log)
@@ -836,15 +1046,18 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
                 "epoch": epoch + 1,
                 "best": best,
                 "best_epoch": best_epoch,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(),
+                "sched": cfg.sched,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": rng,
             }
-            _save_resume_state(run_dir / "last_state.pt", resume_state)
-            save_checkpoint(run_dir / "last.safetensors", model.state_dict(), meta)
+            # resume state last: it is the commit point (see _load_resume for a kill between these writes)
             if improved:
                 save_checkpoint(run_dir / "best.safetensors", best_state, meta)
+            save_checkpoint(run_dir / "last.safetensors", model.state_dict(), meta)
+            _save_resume_state(run_dir / "last_state.pt", resume_state)
             _logger.info(
                 f"{desc}: lr {lr:.2e} | train loss {entry['train_loss']:.4f} acc {100 * entry['train_acc']:.2f}% | "
                 f"{val_split} loss {val_loss:.4f} acc {100 * entry['val_acc']:.2f}% mean-class "

@@ -1,7 +1,8 @@
 """``timm-acsi evaluate``: accuracy, mean-class accuracy, per-class accuracy and confusion matrix of a checkpoint.
 
-Model, classes and input size come from the checkpoint's description (``best.json`` next to
-``best.safetensors``, or its safetensors header); outputs are matched to the dataset's classes by name.
+Model, classes, label order and preprocessing come from the checkpoint's description (``best.json`` next to
+``best.safetensors``, or its safetensors header); outputs are matched to the dataset's classes by name. A
+checkpoint without a description needs ``--model`` and ``--label-names`` (the order of its outputs).
 """
 
 import argparse
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..data import LAYOUTS
 from ..metrics import format_metrics, plot_confusion_matrix, save_metrics
 from ..train import evaluate_checkpoint
 
@@ -21,14 +23,28 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help=".safetensors checkpoint (or .pth read without unpickling)")
     parser.add_argument("--data", required=True, help="dataset root")
     parser.add_argument("--split", default="test", help="train, val or test (default: test)")
-    parser.add_argument("--layout", default="auto", help="auto, folder, rafdb or affectnet (default: auto)")
+    parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="dataset layout (default: auto)")
     parser.add_argument("--tta-flip", action="store_true", help="average the softmax of each image and its mirror")
     parser.add_argument("--out", help="folder for metrics.json and confusion_matrix.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace metrics.json / confusion_matrix.png in --out")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--model", help="architecture, for checkpoints without a description (e.g. acsinet18)")
-    parser.add_argument("--num-classes", type=int, help="7 or 8, for checkpoints without a description")
+    parser.add_argument(
+        "--num-classes", type=int, help="7 or 8, for checkpoints without a description (default: the classifier's size)"
+    )
+    parser.add_argument(
+        "--label-names",
+        type=lambda text: [n.strip() for n in text.split(",")],
+        metavar="NAME,NAME,...",
+        help="class names in the order of the model's outputs, for checkpoints without a description "
+        "(e.g. anger,disgust,fear,happiness,sadness,surprise,neutral)",
+    )
     parser.add_argument("--img-size", type=int, help="centre-crop size (default: the checkpoint's input size)")
-    parser.add_argument("--resize", type=int, help="resize before cropping (default: img-size * 256 / 224)")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        help="resize before cropping (default: img-size / the checkpoint's crop_pct, or 256 / 224)",
+    )
     parser.add_argument("--dataset-name", help="dataset name written into metrics.json (default: from the layout)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     workers = min(4, os.cpu_count() or 1)
@@ -45,6 +61,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
     args = build_parser(prog).parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    outputs = [Path(args.out) / name for name in ("metrics.json", "confusion_matrix.png")] if args.out else []
+    existing = [p.name for p in outputs if p.exists()]
+    if existing and not args.overwrite:  # checked before evaluating: nothing is computed only to be refused
+        print(
+            f"{prog}: error: {args.out} already holds {' and '.join(existing)}: pass --overwrite to replace them, "
+            "or pick another --out.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         metrics = evaluate_checkpoint(
             args.checkpoint,
@@ -53,6 +78,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
             layout=args.layout,
             model_name=args.model,
             num_classes=args.num_classes,
+            label_names=args.label_names,
             img_size=args.img_size,
             resize=args.resize,
             batch_size=args.batch_size,
@@ -64,18 +90,18 @@ def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
             dataset_name=args.dataset_name,
             progress=not args.quiet,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
     if args.out:
-        out = Path(args.out)
-        save_metrics(out / "metrics.json", metrics)
+        metrics_path, plot_path = outputs
+        save_metrics(metrics_path, metrics)
         tta = " (flip TTA)" if args.tta_flip else ""
         title = f"{Path(args.checkpoint).stem} on {metrics['dataset']} {metrics['split']}{tta}"
-        plot_confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], out / "confusion_matrix.png", title)
+        plot_confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], plot_path, title)
         if not args.json:
-            print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+            print(f"wrote {metrics_path} and {plot_path}")
     return 0
 
 

@@ -105,9 +105,9 @@ def main(argv: Sequence[str], prog: str = "timm-acsi train") -> int:
             overwrite=getattr(args, "overwrite", False),
             progress=not getattr(args, "quiet", False),
         )
-    except (ValueError, FileExistsError, FileNotFoundError, RunError) as e:
+    except (ValueError, OSError, RunError) as e:  # FileExistsError, FileNotFoundError, PermissionError are OSErrors
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if main_rank:
         print(
             f"{metrics['dataset']} [{metrics['split']}]: accuracy {100 * metrics['accuracy']:.2f}%, "
