@@ -358,14 +358,18 @@ def _rafdb_samples(
     return samples, [p for p, _ in missing]
 
 
-def _affectnet_name(affectnet_id: int, where: str, dropped: Counter) -> Optional[str]:
-    """Canonical name of an AffectNet expression id; None (counted in ``dropped``) for ids 8-10."""
+def _affectnet_target(affectnet_id: int, where: str, num_classes: int, dropped: Counter) -> Optional[int]:
+    """Canonical index of an AffectNet expression id; None (counted in ``dropped``) for ids 8-10 and for
+    contempt in a 7-class head."""
     if affectnet_id in AFFECTNET_NON_EXPRESSIONS:
         dropped[AFFECTNET_NON_EXPRESSIONS[affectnet_id]] += 1
         return None
     if affectnet_id not in AFFECTNET_LABELS:
         raise ValueError(f"{where}: AffectNet expression id {affectnet_id} is not one of 0-10; is this AffectNet?")
-    return canonical_label(AFFECTNET_LABELS[affectnet_id])
+    name = canonical_label(AFFECTNET_LABELS[affectnet_id])
+    if not _keep_label(name, num_classes, dropped):
+        return None
+    return label_names_for(num_classes).index(name)
 
 
 def _affectnet_npy_samples(
@@ -381,7 +385,6 @@ def _affectnet_npy_samples(
         stem, ext = os.path.splitext(f)
         if ext.lower() in IMG_EXTENSIONS:
             images[stem] = image_dir / f
-    label_names = label_names_for(num_classes)
     samples, missing = [], []
     ids = [f[: -len("_exp.npy")] for f in os.listdir(ann_dir) if f.endswith("_exp.npy")]
     for image_id in sorted(ids, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i)):  # numeric order
@@ -391,12 +394,9 @@ def _affectnet_npy_samples(
             affectnet_id = int(value.reshape(-1)[0])
         except (ValueError, IndexError):
             raise ValueError(f"{ann_dir / f}: expected one expression id, got {value!r}.") from None
-        name = _affectnet_name(affectnet_id, f"{ann_dir / f}", dropped)
-        if name is None:
+        target = _affectnet_target(affectnet_id, f"{ann_dir / f}", num_classes, dropped)
+        if target is None:
             continue
-        if not _keep_label(name, num_classes, dropped):
-            continue
-        target = label_names.index(name)
         if image_id in images:
             samples.append((images[image_id], target))
         else:
@@ -416,7 +416,6 @@ def _affectnet_csv_samples(
         raise FileNotFoundError(
             f"AffectNet image folder not found: looked for {', '.join(str(root / d) for d in AFFECTNET_IMAGE_DIRS)}."
         )
-    label_names = label_names_for(num_classes)
     listed: Dict[Path, set] = {}
     samples, boxes, missing = [], [], []
     with open(csv_path, newline="") as f:
@@ -434,16 +433,14 @@ def _affectnet_csv_samples(
                 x, y, w, h = (int(float(row[k])) for k in ("face_x", "face_y", "face_width", "face_height"))
             except (TypeError, ValueError):
                 raise ValueError(f"{csv_path}:{line}: bad expression or face box in {row}.") from None
-            name = _affectnet_name(affectnet_id, f"{csv_path}:{line}", dropped)
-            if name is None:
-                continue
-            if not _keep_label(name, num_classes, dropped):
+            target = _affectnet_target(affectnet_id, f"{csv_path}:{line}", num_classes, dropped)
+            if target is None:
                 continue
             path = image_dir / row["subDirectory_filePath"]
             if path.parent not in listed:
                 listed[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
             if path.name in listed[path.parent]:
-                samples.append((path, label_names.index(name)))
+                samples.append((path, target))
                 boxes.append((x, y, x + w, y + h))
             else:
                 missing.append(path)
