@@ -575,5 +575,5 @@ def test_cli_dry_run_and_errors(small_ckpt, work, capsys):
         assert match in captured.err and captured.out == ""
     assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(SystemExit):
-        cli_main([*argv[:-2], "--model-args", "[1]"])
-    assert "--model-args: must be a JSON object" in capsys.readouterr().err
+        cli_main([*argv[:-2], "--model-args", '{"attn_placement": "stage"}'])
+    assert "expected KEY=VALUE (e.g. attn_placement=stage)" in capsys.readouterr().err

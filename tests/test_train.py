@@ -533,6 +533,24 @@ def test_evaluate_bare_checkpoint_needs_label_names(run, tmp_path, capsys):
     )
 
 
+def test_evaluate_bare_placement_variant_needs_model_args(run, tmp_path, capsys):
+    """A description-less checkpoint of a placement variant is built with --model-args (as train and publish take
+    them); model_args contradicting a checkpoint's description are refused."""
+    cfg, run_dir, _ = run
+    variant = timm.create_model("acsinet18", num_classes=7, attn_placement="stage", final_attn=False)
+    save_file(variant.state_dict(), str(tmp_path / "stage.safetensors"))
+    argv = ["--checkpoint", str(tmp_path / "stage.safetensors"), "--data", cfg.data, "--split", "val"]
+    argv += ["--workers", "0", "--img-size", "28", "--quiet", "--model", "acsinet18", "--label-names"]
+    argv += [",".join(FER7_LABELS)]
+    assert evaluate_cli.main(argv, prog="e") == 2
+    assert "does not fit acsinet18" in capsys.readouterr().err
+    assert evaluate_cli.main(argv + ["--model-args", "attn_placement=stage", "final_attn=false"], prog="e") == 0
+    capsys.readouterr()
+    described = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val"]
+    assert evaluate_cli.main(described + ["--model-args", "attn_placement=stage"], prog="e") == 2
+    assert "says model_args {}, not {'attn_placement': 'stage'}: drop --model-args" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_flags_contradicting_the_checkpoint(run, capsys):
     cfg, run_dir, _ = run
     argv = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val", "--workers", "0"]

@@ -645,6 +645,7 @@ def evaluate_checkpoint(
     split: str = "test",
     layout: str = "auto",
     model_name: Optional[str] = None,
+    model_args: Optional[Dict[str, Any]] = None,
     num_classes: Optional[int] = None,
     label_names: Optional[Sequence[str]] = None,
     img_size: Optional[int] = None,
@@ -660,8 +661,9 @@ def evaluate_checkpoint(
 ) -> Dict[str, Any]:
     """Evaluate a checkpoint on one split of a dataset; returns the ``metrics.json`` dict.
 
-    Architecture, classes, label names and preprocessing come from the checkpoint's description; arguments
-    that contradict it raise. A checkpoint without one needs ``model_name`` and ``label_names`` (the classes in
+    Architecture (with its ``model_args``), classes, label names and preprocessing come from the checkpoint's
+    description; arguments that contradict it raise. A checkpoint without one needs ``model_name`` (and the
+    ``model_args`` of a variant, e.g. ``{"attn_placement": "stage"}``) and ``label_names`` (the classes in
     the order of the model's outputs; their count is the classifier's unless ``num_classes`` says otherwise).
     Outputs are matched to the dataset's classes by label *name*. ``resize`` defaults to
     ``round(img_size / crop_pct)`` with the checkpoint's ``crop_pct`` (the recipe's 224 / 256 if it has none).
@@ -672,6 +674,11 @@ def evaluate_checkpoint(
     if model_name and arch and model_name.split(".", 1)[0] != arch:
         raise ValueError(f"{checkpoint} says architecture {arch}, not {model_name}: drop the model name (--model).")
     arch = arch or model_name
+    if model_args is not None and meta.get("model_args") is not None and dict(model_args) != meta["model_args"]:
+        raise ValueError(
+            f"{checkpoint} says model_args {meta['model_args']}, not {dict(model_args)}: drop --model-args."
+        )
+    model_args = dict(meta.get("model_args") or model_args or {})
     if not arch:
         raise ValueError(f"{checkpoint} has no description naming its architecture: pass the model name (--model).")
     if not timm.is_model(arch):
@@ -705,7 +712,10 @@ def evaluate_checkpoint(
     resize = resize or round(img_size / meta.get("crop_pct", 224 / 256))
 
     info = init_distributed(device)
-    model = timm.create_model(arch, num_classes=n_out, **(meta.get("model_args") or {}))
+    try:
+        model = timm.create_model(arch, num_classes=n_out, **model_args)
+    except TypeError as e:
+        raise ValueError(f"model_args {model_args} do not fit {arch} ({e}): fix --model-args.") from e
     _load_weights(model, state_dict, checkpoint, arch)
     model.to(info.device)
 

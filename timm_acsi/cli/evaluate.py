@@ -16,6 +16,7 @@ from typing import Sequence
 from ..data import LAYOUTS
 from ..metrics import format_metrics, plot_confusion_matrix, save_metrics
 from ..train import evaluate_checkpoint
+from ._args import MODEL_ARGS_HELP, key_value
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -29,6 +30,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace metrics.json / confusion_matrix.png in --out")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--model", help="architecture, for checkpoints without a description (e.g. acsinet18)")
+    parser.add_argument(
+        "--model-args",
+        nargs="+",
+        type=key_value,
+        metavar="KEY=VALUE",
+        help=f"{MODEL_ARGS_HELP}; for checkpoints without a description",
+    )
     parser.add_argument(
         "--num-classes", type=int, help="7 or 8, for checkpoints without a description (default: the classifier's size)"
     )
@@ -77,6 +85,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
             split=args.split,
             layout=args.layout,
             model_name=args.model,
+            model_args=dict(args.model_args) if args.model_args is not None else None,
             num_classes=args.num_classes,
             label_names=args.label_names,
             img_size=args.img_size,

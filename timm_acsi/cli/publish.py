@@ -8,6 +8,7 @@ from typing import Sequence
 from huggingface_hub.errors import HfHubHTTPError
 
 from ..hub import publish
+from ._args import MODEL_ARGS_HELP, key_value
 
 EXAMPLES = """examples:
   timm-acsi publish --model acsinet18 --checkpoint run/best.safetensors --repo-id ORG/acsinet18.rafdb \\
@@ -16,16 +17,6 @@ EXAMPLES = """examples:
 
 Authentication is huggingface_hub's: run `hf auth login` once, or set HF_TOKEN.
 Checkpoints with timm-acsi meta (from `timm-acsi train`) need no --model/--num-classes/--label-names."""
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'must be a JSON object like \'{{"attn_placement": "stage"}}\', got {text!r}')
-    return value
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -41,11 +32,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--model", help="architecture (default: the checkpoint's meta), e.g. acsinet18")
     p.add_argument("--num-classes", type=int, help="head size (default: meta, else the number of label names)")
     p.add_argument("--label-names", help="comma-separated class names in output order (default: meta)")
-    p.add_argument(
-        "--model-args",
-        type=_json_object,
-        help='extra create_model kwargs as JSON, e.g. \'{"attn_placement": "stage"}\'',
-    )
+    p.add_argument("--model-args", nargs="+", type=key_value, metavar="KEY=VALUE", help=MODEL_ARGS_HELP)
     p.add_argument("--dataset", help="training dataset for the card (default: meta), e.g. RAF-DB")
     p.add_argument("--license", help="license of the weights (default: other; mind the dataset's terms)")
     p.add_argument("--metrics", help="evaluation results JSON for the card (metrics.json from evaluate/train)")
@@ -73,7 +60,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi publish") -> int:
             model=args.model,
             num_classes=args.num_classes,
             label_names=label_names,
-            model_args=args.model_args,
+            model_args=dict(args.model_args) if args.model_args is not None else None,
             dataset=args.dataset,
             license=args.license,
             metrics=args.metrics,

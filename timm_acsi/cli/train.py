@@ -18,17 +18,10 @@ from typing import Any, Dict, Sequence
 import yaml
 
 from ..train import RunError, TrainConfig, config_from_dict, load_config_file, train
+from ._args import key_value
 
 #: Flag spellings that differ from the field name.
 _ALIASES = {"opt": ("--opt", "--optimizer")}
-
-
-def _key_value(text: str) -> tuple:
-    """``KEY=VALUE`` with VALUE parsed as YAML (numbers, booleans, lists)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key, yaml.safe_load(value)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +37,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if hint is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
         elif f.name == "model_args":
-            parser.add_argument(*flags, dest=f.name, nargs="+", type=_key_value, metavar="KEY=VALUE", help=help_)
+            parser.add_argument(*flags, dest=f.name, nargs="+", type=key_value, metavar="KEY=VALUE", help=help_)
         else:
             type_ = next(a for a in args if a is not type(None)) if args else hint
             choices = f.metadata.get("choices")
