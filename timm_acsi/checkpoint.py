@@ -10,19 +10,36 @@ with ``torch.load(weights_only=True)``: nothing is ever unpickled.
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "sidecar_path", "atomic_write"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "sidecar_path",
+    "atomic_write",
+    "compare_state_dicts",
+    "describe_state_dict",
+]
 
 PathLike = Union[str, os.PathLike]
 META_KEY = "timm_acsi"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# ResNet stage layouts -> depth, keyed by (blocks per stage, bottleneck)
+_DEPTHS = {
+    ((2, 2, 2, 2), False): 18,
+    ((3, 4, 6, 3), False): 34,
+    ((3, 4, 6, 3), True): 50,
+    ((3, 4, 23, 3), True): 101,
+    ((3, 8, 36, 3), True): 152,
+}
 
 
 def sidecar_path(path: PathLike) -> Path:
@@ -134,3 +151,38 @@ def load_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[D
         ) from e
     side = sidecar_path(path)
     return _unwrap_state_dict(obj, path), (json.loads(side.read_text()) if side.is_file() else None)
+
+
+def compare_state_dicts(
+    own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+) -> Tuple[List[str], List[str], List[str]]:
+    """Keys of ``own`` that ``state_dict`` lacks, keys ``own`` lacks, and keys whose shapes differ."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, mismatched
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Say which timm-acsi architecture (and model_args) a state dict's keys look like, e.g. for error messages."""
+    blocks = [{int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{i}\.(\d+)\.", k))} for i in range(1, 5)]
+    layout = tuple(len(b) for b in blocks)
+    if not all(layout):
+        return "not a ResNet-family state dict (no layer1..layer4 blocks)"
+    bottleneck = any(re.match(r"layer\d\.\d+\.conv3\.", k) for k in state_dict)
+    placement = (
+        "block"
+        if any(re.match(r"layer\d\.\d+\.se\.", k) for k in state_dict)
+        else ("stage" if any(re.match(r"layer\d\.attn\.", k) for k in state_dict) else "none")
+    )
+    final = any(k.startswith("layer4.final_attn.") for k in state_dict)
+    fc = state_dict.get("fc.weight")
+    head = f"{fc.shape[0]}-class head" if fc is not None else "no classifier"
+    block = "Bottleneck" if bottleneck else "BasicBlock"
+    depth = _DEPTHS.get((layout, bottleneck))
+    if depth is None:
+        return f"a {block} ResNet with stages {'-'.join(map(str, layout))} (no timm-acsi depth), {head}"
+    if placement == "none" and not final:
+        return f"coresnet{depth} (or resnet{depth}: same weight layout), {head}"
+    args = {k: v for k, v in (("attn_placement", placement), ("final_attn", final)) if v not in ("block", True)}
+    return f"acsinet{depth}" + (f" with model_args {json.dumps(args)}" if args else "") + f", {head}"

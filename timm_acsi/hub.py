@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError, HTTPError
 from timm.models import get_pretrained_cfg, is_model, model_entrypoint, save_for_hf, split_model_name_tag
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import compare_state_dicts, describe_state_dict, load_checkpoint
 from .labels import canonical_label, check_label_names
 
 __all__ = [
@@ -68,14 +68,6 @@ PAPER_BIBTEX = """@article{li2022acsinet,
 _ACC_KEYS = ("accuracy", "top1", "top1_acc", "acc", "overall_acc", "overall_accuracy")
 _MCA_KEYS = ("mean_class_accuracy", "mean_class_acc", "balanced_acc", "balanced_accuracy")
 _PER_CLASS_KEYS = ("per_class_accuracy", "per_class", "per_class_acc")
-# ResNet stage layouts -> depth, keyed by (blocks per stage, bottleneck)
-_DEPTHS = {
-    ((2, 2, 2, 2), False): 18,
-    ((3, 4, 6, 3), False): 34,
-    ((3, 4, 6, 3), True): 50,
-    ((3, 4, 23, 3), True): 101,
-    ((3, 8, 36, 3), True): 152,
-}
 
 
 @dataclass(frozen=True)
@@ -199,31 +191,6 @@ def resolve_publish_spec(
     )
 
 
-def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Say which timm-acsi architecture (and model_args) a state dict's keys look like, e.g. for error messages."""
-    blocks = [{int(m.group(1)) for k in state_dict if (m := re.match(rf"layer{i}\.(\d+)\.", k))} for i in range(1, 5)]
-    layout = tuple(len(b) for b in blocks)
-    if not all(layout):
-        return "not a ResNet-family state dict (no layer1..layer4 blocks)"
-    bottleneck = any(re.match(r"layer\d\.\d+\.conv3\.", k) for k in state_dict)
-    placement = (
-        "block"
-        if any(re.match(r"layer\d\.\d+\.se\.", k) for k in state_dict)
-        else ("stage" if any(re.match(r"layer\d\.attn\.", k) for k in state_dict) else "none")
-    )
-    final = any(k.startswith("layer4.final_attn.") for k in state_dict)
-    fc = state_dict.get("fc.weight")
-    head = f"{fc.shape[0]}-class head" if fc is not None else "no classifier"
-    block = "Bottleneck" if bottleneck else "BasicBlock"
-    depth = _DEPTHS.get((layout, bottleneck))
-    if depth is None:
-        return f"a {block} ResNet with stages {'-'.join(map(str, layout))} (no timm-acsi depth), {head}"
-    if placement == "none" and not final:
-        return f"coresnet{depth} (or resnet{depth}: same weight layout), {head}"
-    args = {k: v for k, v in (("attn_placement", placement), ("final_attn", final)) if v not in ("block", True)}
-    return f"acsinet{depth}" + (f" with model_args {json.dumps(args)}" if args else "") + f", {head}"
-
-
 def build_checked_model(spec: PublishSpec, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Build ``spec``'s model, load ``state_dict`` strictly, and check a forward pass in eval mode is finite.
 
@@ -243,10 +210,7 @@ def build_checked_model(spec: PublishSpec, state_dict: Mapping[str, torch.Tensor
             f"{spec.architecture} does not accept model_args {json.dumps(spec.model_args)} ({e}): pass only "
             "timm_acsi.CoResNet / timm ResNet arguments in --model-args."
         ) from e
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    missing, unexpected, mismatched = compare_state_dicts(model.state_dict(), state_dict)
     if missing or unexpected or mismatched:
         target = f"{spec.architecture}" + (f" with model_args {json.dumps(spec.model_args)}" if spec.model_args else "")
         problems = []

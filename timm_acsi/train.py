@@ -49,7 +49,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, compare_state_dicts, describe_state_dict, load_checkpoint, save_checkpoint
 from .data import LAYOUTS, build_dataset, create_fer_transform, detect_layout
 from .data.transforms import TRAIN_CROPS
 from .labels import check_label_names, label_names_for
@@ -462,25 +462,15 @@ def _load_weights(
     """Load ``state_dict`` into ``model``. Missing keys (except under the ``allow_missing`` prefixes), unexpected
     keys and other shapes raise a short ValueError saying what the file's keys look like, not torch's key dump."""
     own = model.state_dict()
-    missing = [
-        k
-        for k in own
-        if k not in state_dict and not k.startswith(allow_missing) and not k.endswith("num_batches_tracked")
-    ]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
+    missing, unexpected, mismatched = compare_state_dicts(own, state_dict)
+    missing = [k for k in missing if not k.startswith(allow_missing) and not k.endswith("num_batches_tracked")]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
     problems = [
         f"{len(keys)} {what} ({_shorten(keys)})"
         for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
         if keys
     ]
     if problems:
-        from .hub import describe_state_dict  # imported here: the Hub client is only needed for this message
-
         looks_like = describe_state_dict(state_dict)
         raise ValueError(f"{source} does not fit {arch}: {'; '.join(problems)}. Its keys look like {looks_like}.")
     model.load_state_dict(state_dict, strict=False)  # strict in effect: every mismatch was checked above
