@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -607,10 +606,8 @@ def test_publish_dry_run_of_trained_checkpoint(run, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: torchrun with 2 processes on this machine; --standalone lets it pick a free rendezvous port itself.
+TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
 def test_ddp_two_processes_cover_val_set_once(tmp_path):
@@ -619,7 +616,7 @@ def test_ddp_two_processes_cover_val_set_once(tmp_path):
     single-process evaluation of best.safetensors."""
     data = make_rafdb_dataset(tmp_path / "rafdb", per_class=3, size=32)  # 21 train / 21 test, val = test
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    cmd = list(TORCHRUN_2)
     launch = tmp_path / "launch.py"  # the CLI, then whether it left its process group behind
     launch.write_text(
         "import sys\nimport torch.distributed as dist\nfrom timm_acsi.cli.train import main\n"
@@ -650,7 +647,7 @@ def test_ddp_damaged_resume_state_fails_on_every_rank(run, tmp_path):
     out = tmp_path / "damaged"
     shutil.copytree(run_dir, out)
     (out / "last_state.pt").write_bytes(b"not a torch file")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    cmd = list(TORCHRUN_2)
     cmd += ["-m", "timm_acsi.cli.train", "--output", str(out), "--resume", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
