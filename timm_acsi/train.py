@@ -129,6 +129,10 @@ class TrainConfig:
     train_crops: str = _opt(
         "five_flip", "training crops: paper's five crops + flips, or timm RandomResizedCrop", choices=TRAIN_CROPS
     )
+    scale: Tuple[float, float] = _opt((0.08, 1.0), "random crops: RandomResizedCrop area range (MIN MAX)")
+    color_jitter: float = _opt(0.4, "random crops: colour-jitter strength")
+    re_prob: float = _opt(0.0, "random crops: random-erasing probability")
+    grayscale: bool = _opt(False, "faces are grayscale (FER-2013): feed every image as grayscale x 3 channels")
     # model
     model: str = _opt("acsinet18", "timm model name, optionally with a tag (acsinet18.tv_in1k)")
     model_args: Dict[str, Any] = _opt({}, "extra create_model kwargs, KEY=VALUE (e.g. attn_placement=stage)")
@@ -165,6 +169,9 @@ class TrainConfig:
     device: Optional[str] = _opt(None, "device (default: cuda:LOCAL_RANK if available, else cpu)")
 
     def __post_init__(self) -> None:
+        self.scale = tuple(float(v) for v in self.scale)  # YAML and JSON give lists
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must be two area fractions 0 < MIN <= MAX <= 1, got {list(self.scale)}.")
         if self.num_classes not in (7, 8):
             raise ValueError(f"num_classes must be 7 (FER-7) or 8 (FER-8 with contempt), got {self.num_classes}.")
         if self.best_metric not in BEST_METRICS:
@@ -178,7 +185,8 @@ class TrainConfig:
         return self.model.split(".", 1)[0]
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (tuples as lists), as YAML and JSON store them."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def config_from_dict(values: Dict[str, Any], base: Optional[TrainConfig] = None) -> TrainConfig:
@@ -909,8 +917,17 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
     layout = _resolve_layout(cfg.data, cfg.layout)
     val_split = cfg.val_split or ("test" if layout == "rafdb" else "val")
     dataset_name = cfg.dataset_name or DATASET_NAMES.get(layout) or Path(cfg.data).resolve().name
-    train_tf = create_fer_transform(True, img_size=cfg.img_size, resize=cfg.resize, train_crops=cfg.train_crops)
-    eval_tf = create_fer_transform(False, img_size=cfg.img_size, resize=cfg.resize)
+    train_tf = create_fer_transform(
+        True,
+        img_size=cfg.img_size,
+        resize=cfg.resize,
+        train_crops=cfg.train_crops,
+        scale=cfg.scale,
+        color_jitter=cfg.color_jitter,
+        re_prob=cfg.re_prob,
+        grayscale=cfg.grayscale,
+    )
+    eval_tf = create_fer_transform(False, img_size=cfg.img_size, resize=cfg.resize, grayscale=cfg.grayscale)
     train_set = build_dataset(cfg.data, "train", layout, cfg.num_classes, train_tf, cfg.skip_unreadable)
     val_set = build_dataset(cfg.data, val_split, layout, cfg.num_classes, eval_tf, cfg.skip_unreadable)
     label_names = tuple(train_set.label_names)
@@ -953,6 +970,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
         "model_args": dict(cfg.model_args),
         "input_size": [3, cfg.img_size, cfg.img_size],
         "crop_pct": cfg.img_size / cfg.resize,
+        "grayscale": cfg.grayscale,
         "config_hash": config_hash(cfg),
         "dataset": dataset_name,
     }

@@ -36,6 +36,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         args = typing.get_args(hint)
         if hint is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(*flags, dest=f.name, nargs=len(args), type=args[0], metavar=f.name.upper(), help=help_)
         elif f.name == "model_args":
             parser.add_argument(*flags, dest=f.name, nargs="+", type=key_value, metavar="KEY=VALUE", help=help_)
         else:
