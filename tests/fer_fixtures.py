@@ -176,3 +176,65 @@ def make_affectnet_dataset(
             (root / csv_dir).mkdir(parents=True, exist_ok=True)
             (root / csv_dir / csv_name).write_text("\n".join(rows) + "\n")
     return root
+
+
+#: FER-2013 ``emotion`` ids (written out independently of the reader) and the Kaggle release's folder names.
+FER2013_IDS: Dict[int, Tuple[str, str]] = {
+    0: ("angry", "anger"),
+    1: ("disgust", "disgust"),
+    2: ("fear", "fear"),
+    3: ("happy", "happiness"),
+    4: ("sad", "sadness"),
+    5: ("surprise", "surprise"),
+    6: ("neutral", "neutral"),
+}
+#: Canonical name -> gray level of its separable FER-2013 faces (grayscale, so colours cannot tell classes apart).
+CLASS_GRAYS: Dict[str, int] = {
+    "anger": 20,
+    "disgust": 55,
+    "fear": 90,
+    "happiness": 125,
+    "sadness": 160,
+    "surprise": 195,
+    "neutral": 230,
+}
+#: The three FER-2013 usages and how many faces of each class the fixtures write.
+FER2013_USAGES: Tuple[str, ...] = ("Training", "PublicTest", "PrivateTest")
+
+
+def gray_face(name: str, rng: np.random.RandomState, size: int = 48) -> np.ndarray:
+    """A ``size x size`` uint8 face: the gray level of canonical class ``name`` +-4 noise."""
+    return np.clip(CLASS_GRAYS[name] + rng.randint(-4, 5, size=(size, size)), 0, 255).astype(np.uint8)
+
+
+def make_fer2013_folders(root: Union[str, Path], per_class: Dict[str, int]) -> Path:
+    """The Kaggle FER-2013 release: ``train/<folder>/Training_<n>.png``, ``test/<folder>/PublicTest_<n>.png`` and
+    ``PrivateTest_<n>.png``; ``per_class`` gives the number of faces per class for each usage."""
+    root = Path(root)
+    rng = np.random.RandomState(0)
+    n = 0
+    for usage in FER2013_USAGES:
+        split = "train" if usage == "Training" else "test"
+        for folder, name in FER2013_IDS.values():
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+            for _ in range(per_class[usage]):
+                n += 1
+                Image.fromarray(gray_face(name, rng), mode="L").save(root / split / folder / f"{usage}_{n}.png")
+    return root
+
+
+def make_fer2013_csv(root: Union[str, Path], per_class: Dict[str, int], rows: Sequence[str] = ()) -> Path:
+    """The original ``fer2013.csv`` (``emotion,pixels,Usage``), ``per_class`` faces per class and usage, in
+    shuffled order, plus any extra raw ``rows`` (for error tests)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    lines = []
+    for usage in FER2013_USAGES:
+        for emotion, (_, name) in FER2013_IDS.items():
+            for _ in range(per_class[usage]):
+                pixels = " ".join(map(str, gray_face(name, rng).reshape(-1)))
+                lines.append(f"{emotion},{pixels},{usage}")
+    lines = [lines[i] for i in rng.permutation(len(lines))] + list(rows)
+    (root / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "\n".join(lines) + "\n")
+    return root

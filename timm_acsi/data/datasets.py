@@ -1,4 +1,4 @@
-"""Facial-expression dataset readers: class folders, RAF-DB basic and AffectNet, as they are distributed.
+"""Facial-expression dataset readers: class folders, FER-2013, RAF-DB basic and AffectNet, as they are distributed.
 
 Every reader maps the dataset's own labels to the canonical order (:data:`~timm_acsi.labels.FER7_LABELS`, or
 :data:`~timm_acsi.labels.FER8_LABELS` with contempt) by class *name*: RAF-DB and AffectNet ids go through the
@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch.utils.data
@@ -23,7 +23,7 @@ from ..labels import canonical_label, label_names_for
 _logger = logging.getLogger(__name__)
 
 #: Dataset layouts :func:`build_dataset` reads (``layout="auto"`` picks one with :func:`detect_layout`).
-LAYOUTS: Tuple[str, ...] = ("folder", "rafdb", "affectnet")
+LAYOUTS: Tuple[str, ...] = ("folder", "fer2013", "rafdb", "affectnet")
 
 SPLITS: Tuple[str, ...] = ("train", "val", "test")
 
@@ -36,6 +36,22 @@ FOLDER_SPLIT_DIRS: Dict[str, Tuple[str, ...]] = {
     "val": ("val", "valid", "validation"),
     "test": ("test",),
 }
+
+#: FER-2013 ``emotion`` ids (the Kaggle challenge's description).
+FER2013_LABELS: Dict[int, str] = {
+    0: "angry",
+    1: "disgust",
+    2: "fear",
+    3: "happy",
+    4: "sad",
+    5: "surprise",
+    6: "neutral",
+}
+#: The standard FER-2013 protocol: each split is one ``Usage`` value of the CSV release, which the Kaggle
+#: folder release keeps as the image file-name prefix (``train/`` holds Training, ``test/`` both test sets).
+FER2013_USAGE: Dict[str, str] = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+FER2013_CSV = "fer2013.csv"
+FER2013_SIZE = 48
 
 #: RAF-DB basic ``EmoLabel/list_patition_label.txt`` ids (RAF-DB README).
 RAFDB_LABELS: Dict[int, str] = {
@@ -85,6 +101,8 @@ AFFECTNET_IMAGE_DIRS: Tuple[Path, ...] = (
 
 _LAYOUT_MARKERS: Dict[str, str] = {
     "folder": "a train/, val/ (or valid/, validation/) or test/ directory of class folders",
+    "fer2013": f"{FER2013_CSV} (emotion,pixels,Usage), or class folders holding Training_*, PublicTest_* and "
+    "PrivateTest_* images (the Kaggle release)",
     "rafdb": f"{RAFDB_LABEL_FILE.as_posix()} (RAF-DB basic)",
     "affectnet": "train_set/annotations/ or val_set/annotations/ (per-image .npy), or training.csv / validation.csv "
     "(in the root or in Manually_Annotated_file_lists/)",
@@ -104,11 +122,20 @@ def _unreadable_message(path: Path, err: Any) -> str:
     )
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy of ``img``; 16- and 32-bit grayscale is rescaled to 8 bits (PIL's convert would clip it to white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        bits = 16 if img.mode.startswith("I;16") else 32
+        values = np.asarray(img).astype(np.int64).clip(0, None)
+        img = Image.fromarray((values >> (bits - 8)).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def _load_rgb(path: Path, box: Optional[Box] = None) -> Image.Image:
     """Open ``path`` fully decoded as RGB, cropped to ``box`` if given; PIL errors name the file."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")  # decodes the whole image, so truncation fails here, not in a transform
+            img = _to_rgb(img)  # decodes the whole image, so truncation fails here, not in a transform
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImageError(_unreadable_message(path, e)) from e
     return img.crop(box) if box is not None else img
@@ -209,8 +236,21 @@ class FERDataset(torch.utils.data.Dataset):
 
 
 def _subdirs(path: Path) -> Dict[str, Path]:
-    """Visible subdirectories of ``path`` keyed by lower-cased name."""
-    return {p.name.lower(): p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    """Visible subdirectories of ``path`` keyed by lower-cased name.
+
+    Raises:
+        ValueError: two folders differ only in case (``Angry/`` and ``angry/``): one would be silently lost.
+    """
+    found: Dict[str, Path] = {}
+    for p in sorted(path.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        other = found.setdefault(p.name.lower(), p)
+        if other != p:
+            raise ValueError(
+                f"Folders {other} and {p} differ only in case, so they mean the same; merge them into one folder."
+            )
+    return found
 
 
 def _check_root(root: Union[str, Path]) -> Path:
@@ -256,9 +296,12 @@ def detect_layout(root: Union[str, Path]) -> str:
         (root / d / f).is_file() for d in AFFECTNET_CSV_DIRS for f in set(AFFECTNET_SPLIT_CSVS.values())
     ):
         found.append("affectnet")
-    split_dirs = {n for names in FOLDER_SPLIT_DIRS.values() for n in names}
-    if split_dirs & set(_subdirs(root)):
-        found.append("folder")
+    if (root / FER2013_CSV).is_file() or _has_fer2013_files(root):
+        found.append("fer2013")  # class folders too, but read by file-name prefix
+    else:
+        split_dirs = {n for names in FOLDER_SPLIT_DIRS.values() for n in names}
+        if split_dirs & set(_subdirs(root)):
+            found.append("folder")
     if len(found) == 1:
         return found[0]
     markers = "; ".join(f"{k!r}: {v}" for k, v in _LAYOUT_MARKERS.items())
@@ -268,6 +311,21 @@ def detect_layout(root: Union[str, Path]) -> str:
         f"Cannot detect the dataset layout of {root} (it holds: {_listing(root)}). Layouts and what identifies "
         f"them: {markers}. Point the root at the directory holding these, or pass layout= explicitly."
     )
+
+
+def _fer2013_image_files(root: Path) -> Iterator[Path]:
+    """Image files in ``root/<split dir>/<class>/`` (the Kaggle release's two levels, no deeper)."""
+    for split_dir in _subdirs(root).values():
+        for class_dir in _subdirs(split_dir).values():
+            for f in sorted(os.listdir(class_dir)):
+                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
+                    yield class_dir / f
+
+
+def _has_fer2013_files(root: Path) -> bool:
+    """Whether the class folders under ``root`` hold FER-2013's ``PublicTest_``/``PrivateTest_`` images."""
+    prefixes = tuple(f"{FER2013_USAGE[s]}_" for s in ("val", "test"))
+    return any(p.name.startswith(prefixes) for p in _fer2013_image_files(root))
 
 
 def _listing(path: Path, limit: int = 10) -> str:
@@ -314,6 +372,89 @@ def _folder_samples(root: Path, split: str, num_classes: int) -> Tuple[List[Tupl
                 samples.append((path, label_names.index(name)))
     _log_dropped(dropped, str(split_dir))
     return samples, []
+
+
+def _fer2013_folder_samples(root: Path, split: str, num_classes: int) -> List[Tuple[Path, int]]:
+    """Kaggle FER-2013: ``<any split dir>/<class>/<Usage>_<n>.jpg``, the split taken from the file-name prefix.
+
+    ``test/`` holds both PublicTest and PrivateTest images, so reading it as one class-folder split would mix
+    the validation and test sets; the prefix recovers the standard protocol.
+    """
+    label_names = label_names_for(num_classes)
+    prefix = f"{FER2013_USAGE[split]}_"
+    samples = []
+    for path in _fer2013_image_files(root):
+        if path.name.startswith(prefix):
+            try:
+                name = canonical_label(path.parent.name)
+            except ValueError as e:
+                raise ValueError(f"Class folder {path.parent}: {e}") from None
+            samples.append((path, label_names.index(name)))
+    return sorted(samples, key=lambda s: (label_names[s[1]], str(s[0])))
+
+
+def _fer2013_csv_rows(csv_path: Path, split: str, num_classes: int) -> Tuple[List[int], List[int], List[np.ndarray]]:
+    """Row numbers, canonical targets and 48x48 uint8 faces of one ``Usage`` of ``fer2013.csv``.
+
+    Every row is checked (columns, emotion id, Usage), the pixels of the requested split are decoded.
+    """
+    label_names = label_names_for(num_classes)
+    usages = {v: k for k, v in FER2013_USAGE.items()}
+    rows, targets, faces = [], [], []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        absent = [c for c in ("emotion", "pixels", "Usage") if c not in (reader.fieldnames or ())]
+        if absent:
+            raise ValueError(
+                f"{csv_path} lacks column(s) {absent}; expected emotion,pixels,Usage, found {reader.fieldnames}."
+            )
+        for row in reader:
+            where = f"{csv_path}:{reader.line_num}"
+            usage, emotion, pixels = row["Usage"], row["emotion"], row["pixels"]
+            if usage not in usages:
+                raise ValueError(f"{where}: unknown Usage {usage!r}; expected one of {', '.join(usages)}.")
+            if emotion is None or not emotion.strip().isdigit() or int(emotion) not in FER2013_LABELS:
+                raise ValueError(f"{where}: emotion must be an id 0-6 ({FER2013_LABELS}), got {emotion!r}.")
+            if usages[usage] != split:
+                continue
+            faces.append(_fer2013_pixels(pixels, where))
+            targets.append(label_names.index(canonical_label(FER2013_LABELS[int(emotion)])))
+            rows.append(reader.line_num)
+    return rows, targets, faces
+
+
+def _fer2013_pixels(text: Optional[str], where: str) -> np.ndarray:
+    """One ``pixels`` cell: 48*48 space-separated integers 0-255 -> a 48x48 uint8 image."""
+    try:
+        values = np.array((text or "").split(), dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"{where}: pixels must be space-separated integers 0-255.") from None
+    if values.size != FER2013_SIZE**2:
+        raise ValueError(f"{where}: expected {FER2013_SIZE**2} pixels (48x48), got {values.size}.")
+    if values.min() < 0 or values.max() > 255:
+        raise ValueError(f"{where}: pixel values must lie in 0-255, got {values.min()}..{values.max()}.")
+    return values.astype(np.uint8).reshape(FER2013_SIZE, FER2013_SIZE)
+
+
+class FER2013CsvDataset(FERDataset):
+    """FER-2013 as the original ``fer2013.csv`` release: faces decoded from the CSV, held in memory.
+
+    ``samples`` name each face as ``fer2013.csv:<line>`` (there is no image file).
+    """
+
+    def __init__(self, csv_path: Path, split: str, num_classes: int = 7, transform: Optional[Callable] = None):
+        rows, targets, faces = _fer2013_csv_rows(csv_path, split, num_classes)
+        samples = [(Path(f"{csv_path}:{r}"), t) for r, t in zip(rows, targets)]
+        super().__init__(
+            samples, label_names_for(num_classes), transform, name=f"fer2013:{csv_path.parent.name}:{split}"
+        )
+        self.faces: List[np.ndarray] = faces
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img = Image.fromarray(self.faces[index], mode="L").convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
 
 
 def _rafdb_samples(
@@ -499,8 +640,15 @@ def build_dataset(
     if layout == "auto":
         layout = detect_layout(root)
     boxes = None
+    if layout == "fer2013" and (root / FER2013_CSV).is_file():
+        dataset = FER2013CsvDataset(root / FER2013_CSV, split, num_classes, transform)
+        if not len(dataset):
+            raise ValueError(f"{root / FER2013_CSV} has no {FER2013_USAGE[split]} rows (the {split!r} split).")
+        return dataset
     if layout == "folder":
         samples, missing = _folder_samples(root, split, num_classes)
+    elif layout == "fer2013":
+        samples, missing = _fer2013_folder_samples(root, split, num_classes), []
     elif layout == "rafdb":
         samples, missing = _rafdb_samples(root, split, num_classes)
     elif layout == "affectnet":
