@@ -1,0 +1,199 @@
+"""``timm-acsi predict``: folders, videos, the table, JSON/CSV schema, pictures, and every bad input."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from skimage import data as skdata
+
+from timm_acsi import FER7_LABELS
+from timm_acsi.checkpoint import save_checkpoint
+from timm_acsi.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ASTRONAUT_FACE = [177, 67, 93, 93]
+CSV_HEADER = ["file", "frame", "face", "x", "y", "w", "h", "detection_score", "label", "score", *FER7_LABELS]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A run folder with a freshly initialised 48-px acsinet18 and its description."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    net = timm.create_model("acsinet18", num_classes=7)
+    meta = dict(
+        architecture="acsinet18",
+        num_classes=7,
+        label_names=list(FER7_LABELS),
+        model_args={},
+        input_size=[3, 48, 48],
+        crop_pct=48 / 56,
+        grayscale=False,
+    )
+    save_checkpoint(run / "best.safetensors", net.state_dict(), meta)
+    save_file(net.state_dict(), str(run / "bare.safetensors"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """astronaut.png (one face), sub/chelsea.jpg (a cat: no face), sub/broken.jpg (corrupt), notes.txt."""
+    root = tmp_path_factory.mktemp("photos") / "photos"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()).save(root / "astronaut.png")
+    Image.fromarray(skdata.chelsea()).save(root / "sub" / "chelsea.jpg")
+    (root / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def run(capsys, *argv):
+    code = cli_main(["predict", *map(str, argv), "--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_folder_table_json_csv_and_pictures(model, photos, tmp_path, capsys):
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    ann, cams = tmp_path / "ann", tmp_path / "cam"
+    code, out, err = run(
+        capsys, photos, "--model", model, "--json", out_json, "--csv", out_csv, "--annotate", ann, "--cam", cams
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["file", "frame", "face", "box", "x,y,w,h", "det", "label", "score"] + [
+        n[:5] for n in FER7_LABELS
+    ]
+    assert lines[1].split()[:4] == [str(photos / "astronaut.png"), "-", "0", "177,67,93,93"]
+    assert lines[2].split() == [str(photos / "sub" / "chelsea.jpg"), "-", "-", "-", "-", "no", "face", "found"]
+    assert lines[3] == "2 images: 1 face, 1 without a face; 1 unreadable file skipped."
+    assert "broken.jpg is not a readable image" in err
+
+    doc = json.loads(out_json.read_text())
+    assert set(doc) == {"model", "label_names", "detector", "rows", "small_faces", "unreadable"}
+    assert doc["label_names"] == list(FER7_LABELS) and doc["detector"] == "haar"
+    face, empty = doc["rows"]
+    assert set(face) == {"file", "frame", "face", "box", "detection_score", "label", "score", "probabilities"}
+    assert face["box"] == ASTRONAUT_FACE and face["frame"] is None and face["face"] == 0
+    assert list(face["probabilities"]) == list(FER7_LABELS)
+    assert sum(face["probabilities"].values()) == pytest.approx(1.0)
+    assert face["label"] == max(face["probabilities"], key=face["probabilities"].get)
+    assert face["score"] == face["probabilities"][face["label"]]
+    assert empty["file"].endswith("chelsea.jpg") and empty["face"] is None and empty["label"] is None
+    assert [u["file"] for u in doc["unreadable"]] == [str(photos / "sub" / "broken.jpg")]
+    assert doc["small_faces"] == []
+
+    rows = list(csv.reader(out_csv.open()))
+    assert rows[0] == CSV_HEADER and len(rows) == 3
+    assert rows[1][:8] == [str(photos / "astronaut.png"), "", "0", "177", "67", "93", "93", rows[1][7]]
+    assert [float(v) for v in rows[1][10:]] == list(face["probabilities"].values())
+    assert rows[2][0].endswith("chelsea.jpg") and set(rows[2][1:]) == {""}
+
+    assert sorted(p.relative_to(ann).as_posix() for p in ann.rglob("*.png")) == [
+        "photos/astronaut.png",
+        "photos/sub/chelsea.png",
+    ]
+    overlay = Image.open(cams / "photos" / "astronaut_face0.png")
+    assert [p.name for p in cams.rglob("*.png")] == ["astronaut_face0.png"] and overlay.mode == "RGB"
+
+
+def test_faces_below_min_face_are_reported(model, photos, tmp_path, capsys):
+    code, out, _ = run(
+        capsys, photos / "astronaut.png", "--model", model, "--min-face", "100", "--json", tmp_path / "r.json"
+    )
+    assert code == 0 and out.splitlines()[-1] == "1 image: 0 faces, 1 without a face, 1 face below --min-face skipped."
+    small = json.loads((tmp_path / "r.json").read_text())["small_faces"]
+    assert [(s["box"], s["frame"]) for s in small] == [(ASTRONAUT_FACE, None)] and small[0]["detection_score"] > 0
+
+
+def test_existing_output_is_not_overwritten(model, photos, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    out_json.write_text("mine")
+    code, _, err = run(capsys, photos / "astronaut.png", "--model", model, "--json", out_json)
+    assert code == 2 and "r.json already exists: pass --overwrite" in err and out_json.read_text() == "mine"
+    ann = tmp_path / "ann"
+    (ann).mkdir()
+    (ann / "astronaut.png").write_bytes(b"mine")
+    code, _, err = run(capsys, photos / "astronaut.png", "--model", model, "--annotate", ann)
+    assert code == 2 and "astronaut.png already exists" in err and (ann / "astronaut.png").read_bytes() == b"mine"
+    code, _, err = run(capsys, photos / "astronaut.png", "--model", model, "--json", out_json, "--overwrite")
+    assert code == 0 and json.loads(out_json.read_text())["rows"][0]["box"] == ASTRONAUT_FACE
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("empty", r"nothing to read: .*empty: folder holds no image or video files"),
+        ("missing.png", r"nothing to read: .*missing\.png: no such file or folder"),
+        ("notes.txt", r"no input could be read \(0 images: 0 faces; 1 unreadable file skipped\.\)"),
+        ("broken.jpg", r"no input could be read"),
+        ("bad.avi", r"no input could be read"),
+    ],
+)
+def test_nothing_readable_exits_2(model, photos, tmp_path, capsys, name, match):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("text")
+    (tmp_path / "broken.jpg").write_bytes((photos / "sub" / "broken.jpg").read_bytes())
+    (tmp_path / "bad.avi").write_bytes(b"RIFF not a video")
+    code, out, err = run(capsys, tmp_path / name, "--model", model)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith("timm-acsi predict: error: ")
+    assert re.search(match, err), err
+
+
+def test_unopenable_video_is_reported_and_skipped(model, photos, tmp_path, capsys):
+    (tmp_path / "bad.avi").write_bytes(b"RIFF not a video")
+    code, out, err = run(capsys, photos / "astronaut.png", tmp_path / "bad.avi", "--model", model)
+    assert code == 0 and "bad.avi cannot be opened as a video" in err
+    assert out.splitlines()[-1] == "1 image: 1 face; 1 unreadable file skipped."
+
+
+def test_video_every_n_frames(model, tmp_path, capsys):
+    import cv2
+
+    frame = np.asarray(Image.fromarray(skdata.astronaut()).resize((256, 256)))
+    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (256, 256))
+    for _ in range(5):
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    code, out, err = run(
+        capsys, tmp_path / "clip.avi", "--model", model, "--every", "2", "--csv", tmp_path / "v.csv",
+        "--annotate", tmp_path / "ann",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "v.csv").open()))
+    assert [r["frame"] for r in rows] == ["0", "2", "4"] and all(r["face"] == "0" for r in rows)
+    assert out.splitlines()[-1] == "0 images, 1 video (3 frames): 3 faces."
+    assert sorted(p.name for p in (tmp_path / "ann" / "clip").iterdir()) == [
+        "frame_000000.png",
+        "frame_000002.png",
+        "frame_000004.png",
+    ]
+
+
+def test_none_detector_and_checkpoint_without_description(model, photos, capsys):
+    code, out, err = run(capsys, photos / "astronaut.png", "--model", model / "bare.safetensors", "--detector", "none")
+    assert code == 2 and "pass architecture= and label_names= (command line: --arch and --label-names)" in err
+    labels = ",".join(FER7_LABELS)
+    code, out, err = run(
+        capsys, photos / "astronaut.png", "--model", model / "bare.safetensors", "--arch", "acsinet18",
+        "--label-names", labels, "--detector", "none",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:5] == [str(photos / "astronaut.png"), "-", "0", "0,0,512,512", "1.00"]
+
+
+def test_bad_arguments(model, photos, capsys):
+    code, _, err = run(capsys, photos, "--model", "model.onnx", "--backend", "onnxruntime", "--cam", "out")
+    assert code == 2 and "--cam needs the torch backend" in err
+    code, _, err = run(capsys, photos, "--model", "coresnet18")
+    assert code == 2 and "coresnet18.rafdb has no weights published" in err
+    with pytest.raises(SystemExit):
+        run(capsys, photos, "--model", model, "--every", "0")

@@ -1,0 +1,462 @@
+"""Model sources: one resolver from a name, tag, Hub repo, folder or checkpoint to a ready expression model.
+
+The predictor, the ONNX export and (by design) evaluate and publish build their model here, so every
+command reads checkpoint descriptions and loads weights by the same rules. Stable API::
+
+    load_model(source, device="cpu", *, architecture=None, label_names=None, model_args=None,
+               grayscale=None, **model_kwargs) -> LoadedModel
+    resolve_description(meta, source, *, architecture=None, label_names=None, model_args=None,
+                        num_classes=None, grayscale=None) -> ModelDescription
+    build_model(description, state_dict=None, source="", **model_kwargs) -> nn.Module
+    load_weights(model, state_dict, source, architecture) -> None
+
+Sources accepted by :func:`load_model`:
+
+- a timm name or ``name.tag`` whose pretrained config has weights (``pretrained=True``), e.g.
+  ``acsinet18.fer2013``; ``model_kwargs`` go to ``timm.create_model`` (e.g. ``pretrained_cfg_overlay``);
+- ``hf-hub:ORG/NAME[@REVISION]`` and ``local-dir:PATH``: timm's Hub folders (``config.json`` +
+  ``model.safetensors``), as ``timm-acsi publish`` writes them;
+- a checkpoint written by ``timm-acsi train`` (``.safetensors``; ``.pth``/``.pt``/``.bin``/``.ckpt`` are read
+  with ``torch.load(weights_only=True)``): its JSON description gives architecture, model_args, num_classes,
+  label_names, input_size, crop_pct and grayscale. A checkpoint without one needs ``architecture`` and
+  ``label_names`` (and the ``model_args`` of a variant);
+- a run folder (its ``best.safetensors``), or a folder holding ``config.json`` + ``model.safetensors``.
+
+The model is built through ``timm.create_model`` with a pretrained config carrying the label names, input size
+and crop, so ``timm.data.resolve_data_config(model=model)`` gives the preprocessing it was trained with.
+Weights load strictly; a mismatch says what the file's keys look like instead of torch's key dump.
+
+Grayscale models (trained on FER-2013's gray faces) say so with ``"grayscale": true`` in their checkpoint
+description, as ``model.grayscale`` (CoResNet's ``grayscale`` argument: set by the ``.fer2013`` tags and recorded
+in a Hub ``config.json``'s ``model_args``), or as a ``grayscale`` key of a ``config.json`` (top level or inside
+``pretrained_cfg``; timm's ``PretrainedCfg`` has no such field, so it is taken out before timm sees it). The
+returned model always has ``model.grayscale`` set, and :attr:`LoadedModel.grayscale` says the same.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from timm.models import (
+    get_arch_pretrained_cfgs,
+    model_entrypoint,
+    resolve_pretrained_cfg,
+    split_model_name_tag,
+)
+from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+from torch import nn
+
+from . import models  # noqa: F401  (registers coresnet*/acsinet* with timm)
+from .checkpoint import PICKLE_SUFFIXES, compare_state_dicts, describe_state_dict, load_checkpoint
+from .labels import check_label_names
+
+__all__ = [
+    "LoadedModel",
+    "ModelDescription",
+    "load_model",
+    "resolve_description",
+    "build_model",
+    "load_weights",
+    "file_sha256",
+    "DEFAULT_CROP_PCT",
+]
+
+PathLike = Union[str, os.PathLike]
+#: The paper's evaluation crop (resize to 256, centre crop 224), for descriptions that record none.
+DEFAULT_CROP_PCT = 224 / 256
+#: Preprocessing ``timm-acsi train`` always uses; a description may override each.
+TRAIN_PREPROCESSING = dict(interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+RUN_CHECKPOINT = "best.safetensors"
+HUB_CONFIG = "config.json"
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+DESCRIPTION_KWARGS = "architecture= and label_names= (command line: --arch and --label-names)"
+
+
+@dataclass
+class LoadedModel:
+    """A ready model and what a consumer needs to feed it and read its outputs."""
+
+    model: nn.Module  # eval mode, on the device asked for
+    architecture: str  # e.g. "acsinet18"
+    label_names: Tuple[str, ...]  # output i is label_names[i]
+    data_config: Dict[str, Any]  # resolve_data_config(model=model): input_size, mean, std, interpolation, crop...
+    grayscale: bool  # faces must be fed as grayscale replicated to 3 channels
+    source: str  # what was loaded, for messages and metadata
+    weights_sha256: Optional[str] = None  # sha256 of the weights file, when there is one
+    description: Dict[str, Any] = field(default_factory=dict)  # checkpoint description / pretrained cfg facts
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Everything needed to rebuild a trained model: the resolved form of a checkpoint description."""
+
+    architecture: str
+    num_classes: int
+    label_names: Tuple[str, ...]
+    model_args: Dict[str, Any]
+    input_size: Tuple[int, int, int] = (3, 224, 224)
+    crop_pct: float = DEFAULT_CROP_PCT
+    grayscale: bool = False
+    interpolation: str = TRAIN_PREPROCESSING["interpolation"]
+    mean: Tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+    std: Tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
+    dataset: Optional[str] = None
+
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """A timm pretrained config (no weights source) that gives this model's preprocessing and labels."""
+        return dict(
+            architecture=self.architecture,
+            num_classes=self.num_classes,
+            label_names=self.label_names,
+            input_size=self.input_size,
+            pool_size=(max(1, self.input_size[1] // 32), max(1, self.input_size[2] // 32)),
+            crop_pct=self.crop_pct,
+            crop_mode="center",
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            first_conv="conv1",
+            classifier="fc",
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+# ------------------------------------------------------------------------------------------ descriptions
+
+
+def _conflicts(meta: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Refuse arguments that contradict what the checkpoint says about itself."""
+    found = [f"{k}={v!r} (the checkpoint says {meta[k]!r})" for k, v in given.items() if _differs(v, meta.get(k))]
+    if found:
+        raise ValueError(
+            "Arguments contradict the checkpoint's own description: " + "; ".join(found) + ". The description was "
+            "written with the weights: drop the contradicting arguments."
+        )
+
+
+def _differs(given: Any, known: Any) -> bool:
+    if given is None or known is None:
+        return False
+    if isinstance(given, (list, tuple)) and isinstance(known, (list, tuple)):
+        return list(given) != list(known)
+    return given != known
+
+
+def _crop_pct(value: Any, source: str) -> float:
+    if value is None:
+        return DEFAULT_CROP_PCT
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(
+            f"{source}: crop_pct {value!r} is not a number in (0, 1] (eval crop size / resize size, e.g. 0.875 "
+            "for 224/256): fix its description."
+        )
+    return float(value)
+
+
+def _input_size(value: Any, source: str) -> Tuple[int, int, int]:
+    if value is None:
+        return (3, 224, 224)
+    size = tuple(value)
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"{source}: input_size {value!r} is not [channels, height, width]: fix its description.")
+    return size
+
+
+def resolve_description(
+    meta: Optional[Mapping[str, Any]],
+    source: str,
+    *,
+    architecture: Optional[str] = None,
+    label_names: Optional[Sequence[str]] = None,
+    model_args: Optional[Mapping[str, Any]] = None,
+    num_classes: Optional[int] = None,
+    grayscale: Optional[bool] = None,
+) -> ModelDescription:
+    """Merge a checkpoint description with explicit arguments; an argument that contradicts it raises.
+
+    ``meta`` is what :func:`~timm_acsi.checkpoint.load_checkpoint` returns (``None`` for a bare state dict).
+    Architecture and label names are required from one or the other; ``num_classes`` defaults to the number
+    of label names. A tag on the architecture (``acsinet18.rafdb``) is dropped. Label names are canonicalised
+    (``happy`` -> ``happiness``), never reordered. Missing input size / crop take the paper's 224 / 256.
+    """
+    meta = dict(meta or {})
+    base = split_model_name_tag(architecture)[0] if architecture else None
+    given = dict(architecture=base, model_args=model_args, num_classes=num_classes, grayscale=grayscale)
+    if label_names is not None and meta.get("label_names"):
+        given["label_names"] = list(check_label_names(label_names, len(label_names)))
+        meta["label_names"] = list(check_label_names(meta["label_names"], len(meta["label_names"])))
+    _conflicts(meta, given)
+    arch = meta.get("architecture") or base
+    names = meta.get("label_names") or label_names
+    if not arch or not names:
+        missing = " and ".join(w for w, v in (("architecture", arch), ("label names", names)) if not v)
+        raise ValueError(
+            f"{source} has no description giving its {missing}: pass {DESCRIPTION_KWARGS}, one label name per "
+            "output in the order of the model's outputs (e.g. anger,disgust,fear,happiness,sadness,surprise,"
+            "neutral), plus model_args for a variant (--model-args attn_placement=stage)."
+        )
+    if not timm.is_model(arch):
+        raise ValueError(f"{source}: unknown architecture {arch!r}; timm-acsi's are {', '.join(_own_models())}.")
+    n = meta.get("num_classes") or num_classes or len(names)
+    return ModelDescription(
+        architecture=arch,
+        num_classes=int(n),
+        label_names=check_label_names(names, int(n)),
+        model_args=dict(meta.get("model_args") or model_args or {}),
+        input_size=_input_size(meta.get("input_size"), source),
+        crop_pct=_crop_pct(meta.get("crop_pct"), source),
+        grayscale=bool(meta.get("grayscale") if meta.get("grayscale") is not None else grayscale),
+        interpolation=meta.get("interpolation") or TRAIN_PREPROCESSING["interpolation"],
+        mean=tuple(meta.get("mean") or TRAIN_PREPROCESSING["mean"]),
+        std=tuple(meta.get("std") or TRAIN_PREPROCESSING["std"]),
+        dataset=meta.get("dataset"),
+    )
+
+
+def _own_models() -> Sequence[str]:
+    return timm.list_models(module="coresnet")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _shorten(keys: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` keys, weights before BatchNorm's step counters (which say little about a mismatch)."""
+    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, architecture: str) -> None:
+    """Load ``state_dict`` strictly; any missing, unexpected or reshaped tensor raises a short ValueError
+    saying what the file's keys look like (:func:`~timm_acsi.checkpoint.describe_state_dict`)."""
+    own = model.state_dict()
+    missing, unexpected, mismatched = compare_state_dicts(own, state_dict)
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
+    problems = [
+        f"{len(keys)} {what} ({_shorten(keys)})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"{source} does not fit {architecture}: {'; '.join(problems)}. Its keys look like "
+            f"{describe_state_dict(state_dict)}. Pass the architecture (and model_args) it was trained as."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_model(
+    description: ModelDescription,
+    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+    source: str = "",
+    **model_kwargs: Any,
+) -> nn.Module:
+    """The timm model of ``description`` (its pretrained cfg set), with ``state_dict`` loaded strictly, in eval mode."""
+    kwargs = {**description.model_args, **model_kwargs}
+    if description.grayscale and _is_own_model(description.architecture):
+        kwargs["grayscale"] = True  # CoResNet records it (model.grayscale, and config.json via save_for_hf)
+    try:
+        model = timm.create_model(
+            description.architecture,
+            num_classes=description.num_classes,
+            pretrained_cfg=description.pretrained_cfg(),
+            **kwargs,
+        )
+    except TypeError as e:
+        raise ValueError(f"model_args {kwargs} do not fit {description.architecture} ({e}): fix model_args.") from e
+    model.grayscale = description.grayscale
+    if state_dict is not None:
+        load_weights(model, state_dict, source or "The state dict", description.architecture)
+    return model.eval()
+
+
+def _is_own_model(architecture: str) -> bool:
+    return timm.is_model(architecture) and model_entrypoint(architecture).__module__.startswith("timm_acsi.")
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def load_model(
+    source: str,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    architecture: Optional[str] = None,
+    label_names: Optional[Sequence[str]] = None,
+    model_args: Optional[Mapping[str, Any]] = None,
+    grayscale: Optional[bool] = None,
+    **model_kwargs: Any,
+) -> LoadedModel:
+    """Resolve ``source`` (see the module docstring) to an eval-mode model on ``device`` and its facts.
+
+    ``architecture``, ``label_names``, ``model_args`` and ``grayscale`` describe checkpoints that carry no
+    description (they must agree with one that does); ``model_kwargs`` go to ``timm.create_model``.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a folder without weights, a checkpoint without description and without the arguments
+            that replace it, an unknown model name, a tag without weights, weights that do not fit.
+    """
+    overrides = dict(architecture=architecture, label_names=label_names, model_args=model_args, grayscale=grayscale)
+    source = str(source)
+    if source.startswith(("hf-hub:", "local-dir:")):
+        loaded = _load_hub(source, **model_kwargs)
+    elif _is_path(source):
+        loaded = _load_path(Path(source), overrides, **model_kwargs)
+    else:
+        loaded = _load_tag(source, **model_kwargs)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _is_path(source: str) -> bool:
+    """A path, existing or meant to: anything on disk, with a separator, or with a weights suffix."""
+    return os.path.exists(source) or os.sep in source or "/" in source or source.endswith(WEIGHT_SUFFIXES)
+
+
+def _load_path(path: Path, overrides: Dict[str, Any], **model_kwargs: Any) -> LoadedModel:
+    if path.is_dir():
+        if (path / RUN_CHECKPOINT).is_file():
+            path = path / RUN_CHECKPOINT
+        elif (path / HUB_CONFIG).is_file():
+            return _load_hub(f"local-dir:{path}", **model_kwargs)
+        else:
+            raise ValueError(
+                f"{path} is a folder without {RUN_CHECKPOINT} (a run folder of timm-acsi train) or {HUB_CONFIG} + "
+                f"model.safetensors (a Hub folder): pass the checkpoint file itself, or the run folder."
+            )
+    if not path.exists():
+        raise FileNotFoundError(f"No such checkpoint or folder: {path}.")
+    state_dict, meta = load_checkpoint(path)
+    desc = resolve_description(meta, str(path), **overrides)
+    model = build_model(desc, state_dict, str(path), **model_kwargs)
+    return _loaded(
+        model, desc.architecture, desc.label_names, desc.grayscale, str(path), path, {**(meta or {}), **desc.to_dict()}
+    )
+
+
+def _hub_files(source: str) -> Tuple[Dict[str, Any], Path]:
+    """Raw ``config.json`` and the weights file of a ``hf-hub:``/``local-dir:`` source."""
+    kind, _, ref = source.partition(":")
+    if kind == "local-dir":
+        folder = Path(ref)
+        if not (folder / HUB_CONFIG).is_file():
+            raise FileNotFoundError(f"{source}: no {HUB_CONFIG} in {folder} (a folder written by timm-acsi publish).")
+        weights = next((folder / n for n in HUB_WEIGHTS if (folder / n).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{source}: {folder} holds {HUB_CONFIG} but no {' or '.join(HUB_WEIGHTS)}.")
+        return json.loads((folder / HUB_CONFIG).read_text()), weights
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, revision = ref.partition("@")
+    config = Path(hf_hub_download(repo_id, HUB_CONFIG, revision=revision or None))
+    weights = Path(hf_hub_download(repo_id, HUB_WEIGHTS[0], revision=revision or None))
+    return json.loads(config.read_text()), weights
+
+
+def _load_hub(source: str, **model_kwargs: Any) -> LoadedModel:
+    """timm's Hub format, weights read here (strictly, with readable errors) rather than by timm."""
+    raw, weights = _hub_files(source)
+    kind, _, ref = source.partition(":")
+    cfg, arch, model_args = load_model_config_from_path(ref) if kind == "local-dir" else load_model_config_from_hf(ref)
+    flagged = bool(cfg.pop("grayscale", None) or raw.get("grayscale", False))
+    if not cfg.get("label_names"):
+        raise ValueError(f"{source}: its {HUB_CONFIG} lists no label_names, so its outputs cannot be named.")
+    try:
+        model = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg, **{**model_args, **model_kwargs})
+    except TypeError as e:
+        raise ValueError(f"{source}: model_args {model_args} do not fit {arch} ({e}).") from e
+    state_dict, _ = load_checkpoint(weights)
+    load_weights(model, state_dict, source, arch)
+    grayscale = model.grayscale = flagged or bool(getattr(model, "grayscale", False))
+    facts = {"architecture": arch, "model_args": dict(model_args), "grayscale": grayscale, **model.pretrained_cfg}
+    return _loaded(model, arch, tuple(cfg["label_names"]), grayscale, source, weights, facts)
+
+
+def _load_tag(source: str, **model_kwargs: Any) -> LoadedModel:
+    """A registered timm name or tag whose pretrained config has weights."""
+    name, tag = split_model_name_tag(source)
+    if not timm.is_model(name):
+        raise ValueError(
+            f"{source!r} is neither a file or folder nor a timm model name: pass a checkpoint, a run folder, "
+            f"hf-hub:ORG/NAME, local-dir:PATH or a model tag with weights (timm-acsi: {', '.join(_own_models())})."
+        )
+    try:
+        cfg = resolve_pretrained_cfg(name, tag or None, model_kwargs.get("pretrained_cfg_overlay"))
+    except RuntimeError as e:  # timm: "Invalid pretrained tag (...)"
+        raise ValueError(f"{e} Tags of {name}: {', '.join(get_arch_pretrained_cfgs(name))}.") from e
+    if not cfg.has_weights:
+        usable = [t for t in timm.list_pretrained(f"{name}.*") if _is_expression_tag(name, t.split(".", 1)[1])]
+        raise ValueError(
+            f"{name}.{cfg.tag} has no weights published: pass a trained checkpoint or run folder, hf-hub:ORG/NAME"
+            + (f", or a tag with expression weights ({', '.join(usable)})." if usable else ".")
+        )
+    if not cfg.label_names:  # checked before any download
+        raise ValueError(
+            f"{name}.{cfg.tag}'s pretrained config lists no label_names ({cfg.num_classes} classes): it is not an "
+            "expression model (ImageNet tags initialise training only). Pass a trained FER model."
+        )
+    model = timm.create_model(source, pretrained=True, **model_kwargs)
+    pcfg = dict(model.pretrained_cfg)
+    grayscale = model.grayscale = bool(getattr(model, "grayscale", False) or pcfg.get("grayscale", False))
+    facts = {"architecture": name, "tag": cfg.tag, **pcfg}
+    return _loaded(model, name, tuple(pcfg["label_names"]), grayscale, source, _tag_weights_file(cfg), facts)
+
+
+def _is_expression_tag(name: str, tag: str) -> bool:
+    cfg = resolve_pretrained_cfg(name, tag)
+    return bool(cfg.has_weights and cfg.label_names)
+
+
+def _tag_weights_file(cfg: Any) -> Optional[Path]:
+    """The local file a tag's weights came from: its ``file``, or the Hub cache entry (no download)."""
+    if cfg.file:
+        return Path(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, _, revision = cfg.hf_hub_id.partition("@")
+        found = try_to_load_from_cache(repo_id, cfg.hf_hub_filename or HUB_WEIGHTS[0], revision=revision or None)
+        return Path(found) if isinstance(found, str) else None
+    return None
+
+
+def _loaded(
+    model: nn.Module,
+    architecture: str,
+    label_names: Sequence[str],
+    grayscale: bool,
+    source: str,
+    weights: Optional[Path],
+    facts: Dict[str, Any],
+) -> LoadedModel:
+    if len(label_names) != model.num_classes:
+        raise ValueError(f"{source}: {len(label_names)} label names for a {model.num_classes}-class head.")
+    return LoadedModel(
+        model=model,
+        architecture=architecture,
+        label_names=tuple(label_names),
+        data_config=resolve_data_config(model=model),
+        grayscale=grayscale,
+        source=source,
+        weights_sha256=file_sha256(weights) if weights is not None and weights.is_file() else None,
+        description=facts,
+    )
