@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import timm
@@ -175,7 +175,7 @@ def test_model_card(published):
 
 
 def _lay_into_cache(folder: Path, cache: Path, repo_id: str) -> None:
-    """ECOSYSTEM.md's offline recipe: a snapshot folder plus refs/main holding its hash (no newline)."""
+    """huggingface_hub's offline cache layout: a snapshot folder plus refs/main holding its hash (no newline)."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snap = repo / "snapshots" / SNAPSHOT
     snap.mkdir(parents=True)
@@ -405,10 +405,38 @@ def test_folder_with_other_files_is_refused_and_kept(small_ckpt, tmp_path, fast_
     (out / "model.safetensors").write_text("old")  # a Hub file next to foreign ones changes nothing
     (out / "README.md").mkdir()  # a Hub name that is not a file is foreign
     before = _listing(out)
-    with pytest.raises(FileExistsError, match=r"holds README\.md, important\.txt, sub, which are not Hub files.*"):
+    with pytest.raises(
+        FileExistsError, match=r"holds README\.md, important\.txt, model\.safetensors, sub, which timm-acsi publish did"
+    ):
         hub.publish(small_ckpt, REPO_ID, dry_run_dir=out, overwrite=overwrite)
     assert _listing(out) == before and (out / "README.md").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_hand_written_hub_files_are_never_replaced(small_ckpt, tmp_path, fast_profile, overwrite):
+    """A folder holding the user's own README.md (or a config.json of something else) is not an earlier dry run:
+    --overwrite replaces only files publish recognises as its own."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("# My model\n\nNotes I wrote.\n")
+    (out / "config.json").write_text('{"architecture": "resnet18"}')
+    before = _listing(out)
+    with pytest.raises(FileExistsError, match=r"holds README\.md, config\.json, which timm-acsi publish did not"):
+        hub.publish(small_ckpt, REPO_ID, dry_run_dir=out, overwrite=overwrite)
+    assert _listing(out) == before
+
+
+def test_hub_network_failure_of_the_requests_family(small_ckpt, monkeypatch):
+    """huggingface_hub 0.x (admitted by setup.cfg) raises requests' ConnectionError, which is not the builtin one:
+    it gets the same message as httpx's errors instead of escaping as a traceback."""
+    requests = ModuleType("requests")
+    requests.RequestException = type("RequestException", (OSError,), {})
+    requests.ConnectionError = type("ConnectionError", (requests.RequestException,), {})
+    monkeypatch.setitem(sys.modules, "requests", requests)
+    fail = requests.ConnectionError("Max retries exceeded with url: /api/repos/create")
+    with pytest.raises(ConnectionError, match=r"Could not reach the Hub .*\(ConnectionError: Max retries.*--dry-run"):
+        hub.publish(small_ckpt, REPO_ID, api=FakeApi(fail=fail))
 
 
 def test_checkpoint_folder_is_refused(tmp_path, fast_profile):
@@ -435,7 +463,9 @@ def test_current_directory_as_output(small_ckpt, tmp_path, monkeypatch, fast_pro
     busy.mkdir()
     (busy / "important.txt").write_text("precious")
     monkeypatch.chdir(busy)
-    with pytest.raises(FileExistsError, match=r"The output folder \. holds important\.txt, which are not Hub"):
+    with pytest.raises(
+        FileExistsError, match=r"The output folder \. holds important\.txt, which timm-acsi publish did not write"
+    ):
         hub.publish(small_ckpt, REPO_ID, dry_run_dir=".", overwrite=True)
     assert _listing(busy) == {"important.txt": b"precious"}
 
@@ -450,12 +480,14 @@ def test_current_directory_as_output(small_ckpt, tmp_path, monkeypatch, fast_pro
 
 def test_overwrite_replaces_only_the_hub_files(small_ckpt, tmp_path, fast_profile):
     out = tmp_path / "hub"
-    out.mkdir()
-    (out / "README.md").write_text("old card")
-    (out / "config.json").write_text("{}")
-    with pytest.raises(FileExistsError, match=r"already holds README\.md, config\.json from an earlier.*--overwrite"):
+    hub.publish(small_ckpt, REPO_ID, dry_run_dir=out)
+    before = _listing(out)
+    with pytest.raises(
+        FileExistsError,
+        match=r"already holds README\.md, config\.json, model\.safetensors from an earlier.*--overwrite",
+    ):
         hub.publish(small_ckpt, REPO_ID, dry_run_dir=out)
-    assert _listing(out) == {"README.md": b"old card", "config.json": b"{}"}
+    assert _listing(out) == before
 
     inode = out.stat().st_ino
     hub.publish(small_ckpt, REPO_ID, dry_run_dir=out, overwrite=True)
@@ -565,7 +597,7 @@ def test_cli_dry_run_and_errors(small_ckpt, work, capsys):
     (out / "notes.txt").write_text("mine")
     run_dir = [*argv[:-1], str(small_ckpt.parent)]
     for bad_argv, match in (
-        ([*argv, "--overwrite"], "which are not Hub files"),
+        ([*argv, "--overwrite"], "which timm-acsi publish did not write"),
         ([*argv[:-1], str(out / "notes.txt")], "notes.txt is a file"),
         ([*run_dir, "--overwrite"], "lies in the --dry-run folder"),
     ):

@@ -197,6 +197,32 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
     assert path.read_bytes() == b"new" and _leftovers(tmp_path, {"data.bin"}) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path, umask):
+    """0666 less the umask, as open() gives: run folders and reports stay readable on a shared machine (mkstemp
+    would leave 0600, owner-only)."""
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "report.md", lambda tmp: Path(tmp).write_text("table"))
+        save_checkpoint(tmp_path / "w.safetensors", {"a": torch.zeros(1)}, {"architecture": "acsinet18"})
+    finally:
+        os.umask(old)
+    for name in ("report.md", "w.safetensors", "w.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_unreadable_checkpoint_is_not_reported_missing(tmp_path, monkeypatch):
+    """A checkpoint without read permission is reported as such (safetensors says "No such file or directory")."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(1)}, str(path))
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: make the permission check see what a user would
+        real = os.access
+        monkeypatch.setattr(ckpt.os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
+    with pytest.raises(PermissionError, match=r"w.safetensors exists but cannot be read \(permission denied\)"):
+        load_checkpoint(path)
+
+
 def test_save_checkpoint_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "best.safetensors"
     sd = _state_dict()

@@ -11,10 +11,10 @@ from torch import nn
 
 import timm_acsi  # noqa: F401  (registers the models)
 from timm_acsi import AcsiCoordAttn, CoConv2d, profiling
-from timm_acsi.cli.profile import main
+from timm_acsi.cli import run_command
 from timm_acsi.profiling import PAPER_FIGURES, PROFILE_SPECS, profile_model
 
-RESNET18_FLOPS = 1_819_065_856  # fvcore, eval mode, 1x3x224x224 (ECOSYSTEM.md)
+RESNET18_FLOPS = 1_819_065_856  # fvcore, eval mode, 1x3x224x224 (docs/design.md)
 RESNET18_PARAMS = 11_689_512
 REGISTERED = ["coresnet18", "coresnet34", "coresnet50", "acsinet18", "acsinet34", "acsinet50"]
 SMALL = (1, 3, 64, 64)
@@ -193,7 +193,7 @@ def test_resolve_specs():
 
 
 def _run(argv: List[str], capsys) -> "tuple[int, str]":
-    code = main(argv, prog="timm-acsi profile")
+    code = run_command("profile", argv)
     return code, capsys.readouterr().out
 
 
@@ -250,9 +250,37 @@ def test_cli_latency_and_elementwise(capsys, tmp_path):
 def test_cli_latency_on_missing_cuda_is_an_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    code = main(["--models", "resnet18", "--latency", "--device", "cpu", "cuda"], prog="timm-acsi profile")
+    code = run_command("profile", ["--models", "resnet18", "--latency", "--device", "cpu", "cuda"])
     assert code == 2 and "CUDA, which is not available" in capsys.readouterr().err
 
 
 def test_cli_unknown_model(capsys):
-    assert main(["--models", "nope"], prog="timm-acsi profile") == 2
+    assert run_command("profile", ["--models", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("timm-acsi profile: error: Unknown model 'nope'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--image-size", "0"], "argument --img-size/--image-size: must be at least 1, got 0"),
+        (["--img-size", "-5"], "argument --img-size/--image-size: must be at least 1, got -5"),
+        (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),  # was "Parity: PASSED" at 0 FLOPs
+    ],
+)
+def test_cli_bad_sizes_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_command("profile", ["--models", "resnet18", *argv])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"timm-acsi profile: error: {message}\n")
+
+
+def test_cli_output_folder_is_refused_before_profiling(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(profiling, "profile_model", lambda *a, **k: pytest.fail("profiled"))
+    for flag in ("--markdown", "--json"):
+        assert run_command("profile", ["--models", "resnet18", flag, str(tmp_path), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err == f"timm-acsi profile: error: {tmp_path} is a folder: pass a file path (e.g. {tmp_path}/table.md).\n"
+        )

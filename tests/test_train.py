@@ -6,6 +6,7 @@ images, 28 px crops) on the CPU. One shared run (module fixture) serves most ass
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,10 +21,9 @@ from fer_fixtures import make_folder_dataset, make_rafdb_dataset
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-import timm_acsi.train as train_mod
 from timm_acsi.checkpoint import read_checkpoint_meta, save_checkpoint
 from timm_acsi.cli import evaluate as evaluate_cli
-from timm_acsi.cli import train as train_cli
+from timm_acsi.cli import run_command
 from timm_acsi.labels import FER7_LABELS, canonical_label
 from timm_acsi.train import (
     RUN_FILES,
@@ -42,6 +42,8 @@ from timm_acsi.train import (
     save_config,
     train,
 )
+from timm_acsi.train import evaluation as train_evaluation
+from timm_acsi.train import loop as train_loop
 
 LOG_KEYS = {
     "epoch",
@@ -99,8 +101,8 @@ def test_recipe_defaults():
     (group,) = optimizer.param_groups  # weight decay on every parameter, as plain SGD
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, False, 5e-4)
     lrs = {}
-    for epoch in (0, 19, 20, 39, 40, 59):
-        scheduler.step(epoch)
+    for epoch in (0, 19, 20, 39, 40, 59):  # one update per epoch (the default)
+        scheduler.step_update(epoch)
         lrs[epoch] = optimizer.param_groups[0]["lr"]
     assert lrs == pytest.approx({0: 0.01, 19: 0.01, 20: 1e-3, 39: 1e-3, 40: 1e-4, 59: 1e-4})
 
@@ -114,19 +116,19 @@ def test_config_round_trip(tmp_path):
     assert config_hash(cfg) != config_hash(dataclasses.replace(cfg, lr=0.01))
     with pytest.raises(ValueError, match="Unknown config key.*'learning_rate'"):
         config_from_dict({"learning_rate": 0.1})
-    with pytest.raises(ValueError, match="num_classes must be 7"):
+    with pytest.raises(ValueError, match=r"num_classes \(--num-classes\) must be one of 7, 8, got 6"):
         TrainConfig(num_classes=6)
 
 
 def test_cli_precedence_defaults_file_flags(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"lr": 0.5, "amp": True, "epochs": 7, "data": "from_file"}))
     argv = ["--config", str(tmp_path / "c.yaml"), "--lr", "0.1", "--no-amp", "--model-args", "attn_placement=stage"]
-    assert train_cli.main(argv + ["--print-config"], prog="t") == 0
+    assert run_command("train", argv + ["--print-config"]) == 0
     printed = config_from_dict(yaml.safe_load(capsys.readouterr().out))
     assert (printed.lr, printed.amp, printed.epochs, printed.data) == (0.1, False, 7, "from_file")
     assert printed.model_args == {"attn_placement": "stage"}
     assert printed.weight_decay == 5e-4  # untouched default
-    assert train_cli.main(["--config", str(tmp_path / "missing.yaml")], prog="t") == 2
+    assert run_command("train", ["--config", str(tmp_path / "missing.yaml")]) == 2
 
 
 # --------------------------------------------------------------------------------------------- samplers
@@ -162,14 +164,26 @@ def test_shard_sampler_covers_every_sample_once():
 def test_prepare_run_dir_never_overwrites_without_asking(tmp_path):
     run_dir = prepare_run_dir(tmp_path / "r")
     (run_dir / "log.jsonl").write_text("{}\n")
+    (run_dir / "last_state.pt").write_bytes(b"state")
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         prepare_run_dir(run_dir)
-    with pytest.raises(FileNotFoundError, match="last_state.pt"):
-        prepare_run_dir(run_dir, resume=True)
     prepare_run_dir(run_dir, overwrite=True)
-    assert not (run_dir / "log.jsonl").exists()
+    assert not (run_dir / "log.jsonl").exists() and not (run_dir / "last_state.pt").exists()
     assert (run_dir / "notes.txt").read_text() == "mine"  # only run files are removed
+
+
+def test_a_run_that_completed_no_epoch_sends_both_ways_to_overwrite(tmp_path):
+    """Run files without last_state.pt (a run killed in its first epoch): a plain rerun and --resume both say
+    --overwrite, instead of sending the user from one to the other."""
+    run_dir = prepare_run_dir(tmp_path / "r")
+    (run_dir / "log.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match="completed no epoch: pass --overwrite"):
+        prepare_run_dir(run_dir)
+    with pytest.raises(FileNotFoundError, match="no last_state.pt .*start it again with --overwrite"):
+        prepare_run_dir(run_dir, resume=True)
+    with pytest.raises(FileExistsError, match="is a file"):
+        prepare_run_dir(run_dir / "log.jsonl")
 
 
 def test_gradient_accumulation_matches_large_batch():
@@ -184,7 +198,7 @@ def test_gradient_accumulation_matches_large_batch():
         optimizer, _ = create_optimizer_and_scheduler(model, cfg)
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        stats = train_mod._train_one_epoch(
+        stats = train_loop._train_one_epoch(
             model, loader, torch.nn.CrossEntropyLoss(), optimizer, scaler, cfg, DistInfo(), "t", False
         )
         results.append((model.weight.detach().clone(), stats["train_loss"]))
@@ -204,7 +218,7 @@ def test_amp_on_cpu_runs_in_bfloat16():
     cfg = TrainConfig(amp=True, label_smoothing=0.1)
     optimizer, _ = create_optimizer_and_scheduler(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp16 loss scaling is for CUDA only
-    stats = train_mod._train_one_epoch(
+    stats = train_loop._train_one_epoch(
         model, loader, torch.nn.CrossEntropyLoss(label_smoothing=0.1), optimizer, scaler, cfg, DistInfo(), "t", False
     )
     assert dtypes == [torch.bfloat16, torch.bfloat16]
@@ -265,12 +279,12 @@ def test_init_checkpoint_keeps_a_same_size_head_in_label_order(tmp_path):
 def test_pretrained_without_weights_fails_before_reading_data(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--data", str(tmp_path / "no-data"), "--output", str(out), "--quiet"]
-    assert train_cli.main(argv + ["--pretrained"], prog="t") == 2
+    assert run_command("train", argv + ["--model", "coresnet18", "--pretrained"]) == 2
     assert capsys.readouterr().err == (
-        "t: error: --pretrained: acsinet18.rafdb has no published weights. Use an ImageNet tag "
-        "(--model acsinet18.tv_in1k) or --init-checkpoint FILE.\n"
+        "timm-acsi train: error: --pretrained: coresnet18.rafdb has no published weights. Use an ImageNet tag "
+        "(--model coresnet18.tv_in1k) or --init-checkpoint FILE.\n"
     )
-    assert train_cli.main(argv + ["--model", "acsinet19"], prog="t") == 2
+    assert run_command("train", argv + ["--model", "acsinet19"]) == 2
     assert "Unknown model 'acsinet19'" in capsys.readouterr().err
     assert not out.exists()  # refused before the run folder or the data were touched
 
@@ -289,7 +303,7 @@ def test_train_one_epoch_waits_for_the_device_once_per_epoch(monkeypatch):
         optimizer, _ = create_optimizer_and_scheduler(model, TrainConfig(batch_size=4))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         conversions.clear()
-        train_mod._train_one_epoch(
+        train_loop._train_one_epoch(
             model,
             loader,
             torch.nn.CrossEntropyLoss(),
@@ -356,7 +370,7 @@ def test_checkpoint_meta(run):
 def test_cli_refuses_to_overwrite_a_run(run, capsys):
     cfg, run_dir, _ = run
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
-    rc = train_cli.main(["--data", cfg.data, "--output", str(run_dir), "--epochs", "1", "--quiet"], prog="t")
+    rc = run_command("train", ["--data", cfg.data, "--output", str(run_dir), "--epochs", "1", "--quiet"])
     assert rc == 2
     assert "already holds a run" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
@@ -367,7 +381,7 @@ def test_resume_continues_exactly(run, tmp_path, monkeypatch):
     at epoch 2, so the scheduler state matters too)."""
     cfg, run_dir, _ = run
     out = tmp_path / "resumed"
-    calls, real = [], train_mod._train_one_epoch
+    calls, real = [], train_loop._train_one_epoch
 
     def dies_in_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -375,12 +389,12 @@ def test_resume_continues_exactly(run, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "_train_one_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(train_loop, "_train_one_epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(dataclasses.replace(cfg, output=str(out)), progress=False)
-    monkeypatch.setattr(train_mod, "_train_one_epoch", real)
+    monkeypatch.setattr(train_loop, "_train_one_epoch", real)
     assert read_checkpoint_meta(out / "last.safetensors")["epoch"] == 1
-    assert train_cli.main(["--output", str(out), "--resume", "--quiet"], prog="t") == 0  # config from the folder
+    assert run_command("train", ["--output", str(out), "--resume", "--quiet"]) == 0  # config from the folder
 
     expected, resumed = load_file(str(run_dir / "last.safetensors")), load_file(str(out / "last.safetensors"))
     assert expected.keys() == resumed.keys()
@@ -403,22 +417,28 @@ def _log_results(path: Path):
     ]
 
 
+def _cosine_epoch_lrs(lr: float, epochs: int, first: int, last: int, updates: int = 6):
+    """Mean lr of the updates of epochs ``first..last-1`` under a cosine schedule over ``epochs`` epochs stepped
+    per update (lr_min 0, no warm-up); the tiny runs make 6 updates per epoch."""
+    total = epochs * updates
+    return [
+        sum(lr / 2 * (1 + math.cos(math.pi * t / total)) for t in range(e * updates, (e + 1) * updates)) / updates
+        for e in range(first, last)
+    ]
+
+
 def test_resume_follows_changed_schedule_settings(dataset, tmp_path, caplog):
     """A 2-epoch cosine run resumed with --epochs 4 trains epochs 3-4 at a fresh 4-epoch cosine schedule's lrs
-    (the saved scheduler state would bring back the 2-epoch schedule: lr 0), and says what changed."""
+    (the saved scheduler state would bring back the 2-epoch schedule: lr 0), and says what changed. The lr moves
+    at every update: the log holds each epoch's mean."""
     cfg = _cfg(dataset, tmp_path / "cosine", sched="cosine")
     train(cfg, progress=False)
     longer = dataclasses.replace(cfg, epochs=4)
     with caplog.at_level("WARNING", logger="timm_acsi.train"):
         train(longer, resume=True, progress=False)
-    _, scheduler = create_optimizer_and_scheduler(torch.nn.Linear(1, 1), longer)
-    expected = []
-    for epoch in range(4):
-        scheduler.step(epoch)
-        expected.append(scheduler.optimizer.param_groups[0]["lr"])
-    assert expected == pytest.approx([0.02, 0.02 * (1 + 2**-0.5) / 2, 0.01, 0.02 * (1 - 2**-0.5) / 2])
     log = _log_results(Path(cfg.output) / "log.jsonl")
-    assert [e["lr"] for e in log] == pytest.approx([0.02, 0.01, *expected[2:]])  # epochs 1-2: 2-epoch cosine
+    expected = _cosine_epoch_lrs(0.02, 2, 0, 2) + _cosine_epoch_lrs(0.02, 4, 2, 4)
+    assert [e["lr"] for e in log] == pytest.approx(expected, rel=1e-12)
     assert config_from_dict(load_config_file(Path(cfg.output) / "config.yaml")) == longer
     assert "changed settings (config.yaml is updated): epochs 2 -> 4" in caplog.text
 
@@ -429,7 +449,7 @@ def test_resume_after_kill_between_checkpoint_writes(run, tmp_path, monkeypatch)
     uninterrupted one. A best.safetensors older than the state says is refused."""
     cfg, run_dir, _ = run
     out = tmp_path / "killed"
-    real, calls = train_mod._save_resume_state, []
+    real, calls = train_loop.save_resume_state, []
 
     def killed_at_epoch_2(*args):
         calls.append(1)
@@ -437,10 +457,10 @@ def test_resume_after_kill_between_checkpoint_writes(run, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(train_mod, "_save_resume_state", killed_at_epoch_2)
+    monkeypatch.setattr(train_loop, "save_resume_state", killed_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(dataclasses.replace(cfg, output=str(out)), progress=False)
-    monkeypatch.setattr(train_mod, "_save_resume_state", real)
+    monkeypatch.setattr(train_loop, "save_resume_state", real)
     assert torch.load(out / "last_state.pt", weights_only=True)["epoch"] == 1
     assert read_checkpoint_meta(out / "best.safetensors")["epoch"] == 2  # newer than the state's best epoch (1)
     train(dataclasses.replace(cfg, output=str(out)), resume=True, progress=False)
@@ -463,17 +483,17 @@ def test_resume_after_kill_between_checkpoint_writes(run, tmp_path, monkeypatch)
 def test_evaluate_cli_with_flip_tta(run, tmp_path, capsys):
     cfg, run_dir, metrics = run
     argv = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val", "--workers", "0"]
-    assert evaluate_cli.main(argv + ["--out", str(tmp_path / "plain"), "--quiet"], prog="e") == 0
+    assert run_command("evaluate", argv + ["--out", str(tmp_path / "plain"), "--quiet"]) == 0
     assert f"accuracy {100 * metrics['accuracy']:.2f}%" in capsys.readouterr().out
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text()) == metrics  # same model, same split
-    assert evaluate_cli.main(argv + ["--tta-flip", "--json", "--out", str(tmp_path / "tta"), "--quiet"], prog="e") == 0
+    assert run_command("evaluate", argv + ["--tta-flip", "--json", "--out", str(tmp_path / "tta"), "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert printed["num_samples"] == 42 and printed["split"] == "val"
     assert (tmp_path / "tta" / "confusion_matrix.png").is_file()
-    assert evaluate_cli.main(argv[:2] + ["--data", str(tmp_path / "nowhere")], prog="e") == 2
+    assert run_command("evaluate", argv[:2] + ["--data", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(SystemExit):  # --layout takes the known layouts only
-        evaluate_cli.main(argv + ["--layout", "rafbd"], prog="e")
+        run_command("evaluate", argv + ["--layout", "rafbd"])
 
 
 def test_evaluate_maps_outputs_by_label_name(run, tmp_path):
@@ -499,11 +519,11 @@ def test_evaluate_cli_never_replaces_outputs_without_overwrite(run, tmp_path, ca
     argv += ["--out", str(out), "--quiet"]
     with monkeypatch.context() as m:  # refused before evaluating anything
         m.setattr(evaluate_cli, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated"))
-        assert evaluate_cli.main(argv, prog="e") == 2
+        assert run_command("evaluate", argv) == 2
     err = capsys.readouterr().err
     assert "already holds metrics.json" in err and "--overwrite" in err
     assert (out / "metrics.json").read_text() == "mine"
-    assert evaluate_cli.main(argv + ["--overwrite"], prog="e") == 0
+    assert run_command("evaluate", argv + ["--overwrite"]) == 0
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
 
@@ -520,10 +540,10 @@ def test_evaluate_bare_checkpoint_needs_label_names(run, tmp_path, capsys):
         evaluate_checkpoint(tmp_path / "bare.pth", cfg.data, split="val", model_name="acsinet18", workers=0)
     argv = ["--checkpoint", str(tmp_path / "bare.pth"), "--data", cfg.data, "--split", "val", "--workers", "0"]
     argv += ["--img-size", "28", "--quiet", "--json", "--model", "acsinet18"]  # no description: no input size
-    assert evaluate_cli.main(argv + ["--label-names", ",".join(rafdb_order)], prog="e") == 0
+    assert run_command("evaluate", argv + ["--label-names", ",".join(rafdb_order)]) == 0
     assert json.loads(capsys.readouterr().out)["confusion_matrix"] == metrics["confusion_matrix"]
     # the wrong architecture: a short description of the file, not torch's key dump
-    assert evaluate_cli.main(argv[:-1] + ["coresnet18", "--label-names", ",".join(rafdb_order)], prog="e") == 2
+    assert run_command("evaluate", argv[:-1] + ["coresnet18", "--label-names", ",".join(rafdb_order)]) == 2
     err = capsys.readouterr().err
     assert (
         err.count("\n") == 1
@@ -541,24 +561,24 @@ def test_evaluate_bare_placement_variant_needs_model_args(run, tmp_path, capsys)
     argv = ["--checkpoint", str(tmp_path / "stage.safetensors"), "--data", cfg.data, "--split", "val"]
     argv += ["--workers", "0", "--img-size", "28", "--quiet", "--model", "acsinet18", "--label-names"]
     argv += [",".join(FER7_LABELS)]
-    assert evaluate_cli.main(argv, prog="e") == 2
+    assert run_command("evaluate", argv) == 2
     assert "does not fit acsinet18" in capsys.readouterr().err
-    assert evaluate_cli.main(argv + ["--model-args", "attn_placement=stage", "final_attn=false"], prog="e") == 0
+    assert run_command("evaluate", argv + ["--model-args", "attn_placement=stage", "final_attn=false"]) == 0
     capsys.readouterr()
     described = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val"]
-    assert evaluate_cli.main(described + ["--model-args", "attn_placement=stage"], prog="e") == 2
+    assert run_command("evaluate", described + ["--model-args", "attn_placement=stage"]) == 2
     assert "says model_args {}, not {'attn_placement': 'stage'}: drop --model-args" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_flags_contradicting_the_checkpoint(run, capsys):
     cfg, run_dir, _ = run
     argv = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val", "--workers", "0"]
-    assert evaluate_cli.main(argv + ["--model", "coresnet18"], prog="e") == 2
+    assert run_command("evaluate", argv + ["--model", "coresnet18"]) == 2
     assert "says architecture acsinet18, not coresnet18: drop the model name (--model)" in capsys.readouterr().err
-    assert evaluate_cli.main(argv + ["--num-classes", "8"], prog="e") == 2
+    assert run_command("evaluate", argv + ["--num-classes", "8"]) == 2
     assert "says it has 7 classes, not 8: drop num_classes (--num-classes)" in capsys.readouterr().err
     reversed_names = ",".join(reversed(FER7_LABELS))
-    assert evaluate_cli.main(argv + ["--label-names", reversed_names], prog="e") == 2
+    assert run_command("evaluate", argv + ["--label-names", reversed_names]) == 2
     assert "drop label_names (--label-names)" in capsys.readouterr().err
 
 
@@ -568,19 +588,83 @@ def test_evaluate_resizes_by_the_checkpoint_crop_pct(run, tmp_path, monkeypatch)
     save_checkpoint(tmp_path / "c.safetensors", load_file(str(run_dir / "best.safetensors")), meta)
     seen = []
 
-    def spy(is_training, img_size, resize):
+    def spy(is_training, img_size, resize, grayscale):
         seen.append((img_size, resize))
         raise KeyboardInterrupt  # stop before reading the data
 
-    monkeypatch.setattr(train_mod, "create_fer_transform", spy)
+    monkeypatch.setattr(train_evaluation, "create_fer_transform", spy)
     for kwargs, expected in (({}, (28, 40)), ({"img_size": 56}, (56, 80)), ({"resize": 30}, (28, 30))):
         with pytest.raises(KeyboardInterrupt):
             evaluate_checkpoint(tmp_path / "c.safetensors", cfg.data, split="val", **kwargs)
         assert seen.pop() == expected
 
 
+def test_evaluate_reads_grayscale_and_a_null_crop_pct_from_the_description(run, tmp_path, monkeypatch):
+    """A model trained on grayscale faces is fed grayscale faces; "crop_pct": null means the recipe's 224/256."""
+    cfg, run_dir, _ = run
+    meta = {**read_checkpoint_meta(run_dir / "best.safetensors"), "grayscale": True, "crop_pct": None}
+    save_checkpoint(tmp_path / "gray.safetensors", load_file(str(run_dir / "best.safetensors")), meta)
+    seen = []
+
+    def spy(is_training, img_size, resize, grayscale):
+        seen.append((img_size, resize, grayscale))
+        raise KeyboardInterrupt  # stop before reading the data
+
+    monkeypatch.setattr(train_evaluation, "create_fer_transform", spy)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_checkpoint(tmp_path / "gray.safetensors", cfg.data, split="val")
+    assert seen == [(28, 32, True)]
+
+
+def test_evaluate_sizes_a_bare_checkpoint_by_its_own_classifier(tmp_path):
+    """The class count of a description-less checkpoint comes from the architecture's classifier (timm's
+    pretrained_cfg), not from a hard-coded fc.weight: test_efficientnet's is classifier.weight."""
+    model = timm.create_model("test_efficientnet", num_classes=7)
+    save_file(model.state_dict(), str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match="does not record the order of its 7 outputs"):
+        evaluate_checkpoint(tmp_path / "bare.safetensors", tmp_path, model_name="test_efficientnet")
+
+
+def test_evaluate_refuses_bad_input_before_evaluating(run, tmp_path, capsys, monkeypatch):
+    cfg, run_dir, _ = run
+    (tmp_path / "taken").write_text("mine")
+    argv = ["--checkpoint", str(run_dir / "best.safetensors"), "--data", cfg.data, "--split", "val", "--quiet"]
+    monkeypatch.setattr(evaluate_cli, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated"))
+    assert run_command("evaluate", argv + ["--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err == (
+        f"timm-acsi evaluate: error: --out {tmp_path / 'taken'} is a file: pass a folder for metrics.json and "
+        "confusion_matrix.png.\n"
+    )
+    assert (tmp_path / "taken").read_text() == "mine"
+    for flag in ("--img-size", "--resize", "--batch-size"):
+        with pytest.raises(SystemExit) as info:
+            run_command("evaluate", argv + [flag, "0"])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.endswith(
+            f"timm-acsi evaluate: error: argument {flag}: must be at least 1, got 0\n"
+        )
+    for kwargs, message in (
+        ({"img_size": 0}, r"img_size \(--img-size\) must be at least 1, got 0"),
+        ({"workers": -1}, r"workers \(--workers\) must be at least 0, got -1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            evaluate_checkpoint(run_dir / "best.safetensors", cfg.data, **kwargs)
+
+
+def test_evaluate_refuses_non_finite_weights(run, tmp_path, capsys):
+    """A diverged model predicts one class for everything (14.29% on 7 balanced classes): refused, as publish does."""
+    cfg, run_dir, _ = run
+    state = load_file(str(run_dir / "best.safetensors"))
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_checkpoint(tmp_path / "nan.safetensors", state, read_checkpoint_meta(run_dir / "best.safetensors"))
+    argv = ["--checkpoint", str(tmp_path / "nan.safetensors"), "--data", cfg.data, "--split", "val", "--quiet"]
+    assert run_command("evaluate", argv) == 2
+    err = capsys.readouterr().err
+    assert "nan.safetensors holds NaN/inf weights (1 tensors: layer1.0.conv1.weight)" in err and err.count("\n") == 1
+
+
 def test_publish_dry_run_of_trained_checkpoint(run, tmp_path, capsys):
-    publish_cli = pytest.importorskip("timm_acsi.cli.publish")
+    pytest.importorskip("timm_acsi.cli.publish")
     _, run_dir, _ = run
     argv = [
         "--model",
@@ -594,13 +678,185 @@ def test_publish_dry_run_of_trained_checkpoint(run, tmp_path, capsys):
         "--dry-run",
         str(tmp_path / "hub"),
     ]
-    assert publish_cli.main(argv, prog="p") == 0
+    assert run_command("publish", argv) == 0
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert config["architecture"] == "acsinet18" and config["num_classes"] == 7
     assert config["label_names"] == list(FER7_LABELS)
     published = load_file(str(tmp_path / "hub" / "model.safetensors"))
     best = load_file(str(run_dir / "best.safetensors"))
     assert all(torch.equal(published[k], best[k]) for k in best)
+
+
+# ------------------------------------------------------------------------------------ settings and bad input
+
+
+def test_config_checks_types_and_ranges():
+    """Wrong types and values fail when the config is made, naming the field and its flag."""
+    for kwargs, message in (
+        ({"epochs": "two"}, "epochs (--epochs) must be an integer, got 'two' (str)."),
+        ({"lr": "fast"}, "lr (--lr) must be a number, got 'fast' (str)."),
+        ({"img_size": 0}, "img_size (--img-size) must be at least 1 (e.g. 224), got 0."),
+        ({"label_smoothing": 2}, "label_smoothing (--label-smoothing) must be in [0, 1) (e.g. 0.1), got 2.0."),
+        ({"scale": (0.5, 0.2)}, "scale (--scale) must be two area fractions 0 < MIN <= MAX <= 1, got [0.5, 0.2]."),
+        ({"balanced": "yes"}, "balanced (--balanced) must be true or false, got 'yes' (str)."),
+        ({"train_crops": "ten"}, "train_crops (--train-crops) must be one of five_flip, random, got 'ten'."),
+    ):
+        with pytest.raises(ValueError) as info:
+            TrainConfig(**kwargs)
+        assert str(info.value) == message
+    assert TrainConfig(lr="1e-3").lr == 0.001  # YAML reads 1e-3 as a string
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+def test_config_file_errors_name_file_key_and_line(tmp_path, capsys):
+    cases = {
+        "types.yaml": ("data: d\nepochs: two\n", " line 2: epochs (--epochs) must be an integer, got 'two' (str)."),
+        "lr.yaml": ("lr: fast\n", " line 1: lr (--lr) must be a number, got 'fast' (str)."),
+        "broken.yaml": ("epochs: [1, 2\nlr: 0.1\n", " line 2, column 3: malformed YAML (expected ',' or ']'"),
+        "broken.json": ('{"epochs": 2,}', " line 1, column 14: malformed JSON (Expecting property name"),
+        "types.json": ('{"epochs": 2.5}', ": epochs (--epochs) must be an integer, got 2.5 (float)."),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError) as info:
+            load_config_file(path)
+        assert str(info.value).startswith(f"{path}{message}"), str(info.value)
+        assert run_command("train", ["--config", str(path), "--output", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"timm-acsi train: error: {path}{message}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_settings_fail_before_the_run_folder_is_created(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", str(dataset), "--output", str(out), "--quiet", "--workers", "0"]
+    no_gpu = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for extra, message in (
+        (["--img-size", "0"], "img_size (--img-size) must be at least 1"),
+        (["--label-smoothing", "2"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
+        (["--device", no_gpu], f"--device {no_gpu}: "),
+    ):
+        assert run_command("train", argv + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"timm-acsi train: error: {message}") and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_classes_without_training_images_are_refused(tmp_path, capsys):
+    one_class = make_folder_dataset(tmp_path / "one", per_class=2, size=8, classes=["happy"])
+    seven = make_folder_dataset(tmp_path / "seven", per_class=1, size=8)
+    argv = ["--output", str(tmp_path / "run"), "--quiet", "--workers", "0", "--batch-size", "1"]
+    assert run_command("train", argv + ["--data", str(one_class)]) == 2
+    err = capsys.readouterr().err
+    assert "no training images of class(es) anger, disgust, fear, sadness, surprise, neutral (7 classes" in err
+    assert run_command("train", argv + ["--data", str(seven), "--num-classes", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "no training images of class(es) contempt (8 classes asked for). Pass --num-classes 7" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_unreadable_image_is_one_line_with_worker_processes(tmp_path, capsys):
+    """The same one-line error with --workers 0 and 1 (torch prefixes a worker's error with its traceback)."""
+    data = make_folder_dataset(tmp_path / "fer", per_class=2, size=8)
+    (data / "train" / "happy" / "000.png").write_bytes(b"not a png")
+    errors = []
+    for workers in ("0", "1"):
+        argv = ["--data", str(data), "--output", str(tmp_path / f"run{workers}"), "--quiet", "--batch-size", "14"]
+        assert run_command("train", argv + ["--workers", workers, "--train-crops", "random"]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and errors[0].count("\n") == 1 and "000.png" in errors[0]
+    assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
+
+
+def test_diverging_run_stops_and_keeps_nothing_of_the_epoch(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", str(dataset), "--output", str(out), "--quiet", "--workers", "0", "--epochs", "1"]
+    argv += ["--img-size", "28", "--resize", "32", "--batch-size", "7", "--lr", "1e6"]
+    assert run_command("train", argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("timm-acsi train: error: Training diverged in epoch 1: train loss ")
+    assert "Nothing was saved: run it again and a lower --lr" in err and err.count("\n") == 1
+    assert not out.exists()  # nothing blocks a rerun
+
+
+def test_a_non_finite_metric_is_never_the_best():
+    state = train_loop._State()
+    model = torch.nn.Linear(1, 1)
+    assert not train_loop._record(state, {"epoch": 1, "val_acc": float("nan")}, "val_acc", model)
+    assert state.best_weights is None and state.best_epoch == 0
+    assert train_loop._record(state, {"epoch": 2, "val_acc": 0.5}, "val_acc", model) and state.best_epoch == 2
+
+
+def test_resume_refuses_another_model_or_fewer_epochs(run, tmp_path, capsys):
+    """Checked up front (the weights could not load; fewer epochs would rewrite a finished run): nothing changes."""
+    cfg, run_dir, _ = run
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    argv = ["--output", str(out), "--resume", "--quiet"]
+    for extra, message in (
+        (["--model", "coresnet18"], "the run was acsinet18, 7 classes, not coresnet18, 7 classes. Drop --model"),
+        (["--num-classes", "8"], "the run was acsinet18, 7 classes, not acsinet18, 8 classes."),
+        (["--model-args", "final_attn=false"], 'not acsinet18 with model_args {"final_attn": false}, 7 classes'),
+        (["--epochs", "1"], "it has completed 2 epochs, more than --epochs 1. Pass --epochs above 2"),
+    ):
+        assert run_command("train", argv + extra) == 2
+        err = capsys.readouterr().err
+        assert f"timm-acsi train: error: Cannot resume {out}: " in err and message in err and err.count("\n") == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_resume_with_another_best_metric_compares_like_with_like(run, tmp_path):
+    """The kept best epoch is judged by the new metric (its value from the log), not by the old metric's best:
+    here its val_acc is 1.0 and its mean-class accuracy 0.0, so any learning epoch 3 beats it."""
+    cfg, run_dir, _ = run
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    best_epoch = read_checkpoint_meta(out / "best.safetensors")["epoch"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log[best_epoch - 1].update(val_acc=1.0, val_mean_class_acc=0.0)
+    (out / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    state = torch.load(out / "last_state.pt", weights_only=True)
+    torch.save({**state, "best": 1.0}, out / "last_state.pt")
+    train(
+        dataclasses.replace(cfg, output=str(out), epochs=3, best_metric="val_mean_class_acc"),
+        resume=True,
+        progress=False,
+    )
+    meta = read_checkpoint_meta(out / "best.safetensors")
+    assert meta["epoch"] == 3 and meta["metric"]["name"] == "val_mean_class_acc"
+
+
+def test_scaler_state_of_a_run_without_amp_is_not_loaded():
+    """Resuming with --amp on CUDA a run saved without it: the saved scaler state is empty ({}), which an enabled
+    GradScaler refuses; the scaler starts afresh instead (a saved state is loaded)."""
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="source state dict is empty"):
+        scaler.load_state_dict({})
+    train_loop.restore_scaler(scaler, {})
+    assert scaler.get_scale() == 65536.0
+    saved = {**scaler.state_dict(), "scale": 8.0}
+    train_loop.restore_scaler(scaler, saved)
+    assert scaler.get_scale() == 8.0
+
+
+def test_warmup_rises_at_every_update_within_the_first_epoch():
+    """--warmup-epochs 2 with 4 updates per epoch: the lr climbs from warmup_lr over 8 updates instead of
+    spending the whole first epoch at warmup_lr; the epoch reports the mean lr of its updates."""
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(16, 5, generator=g), torch.arange(16) % 3), batch_size=4)
+    cfg = TrainConfig(batch_size=4, lr=0.01, warmup_epochs=2, warmup_lr=1e-5, sched="cosine", epochs=4)
+    model = torch.nn.Linear(5, 3)
+    optimizer, scheduler = create_optimizer_and_scheduler(model, cfg, updates_per_epoch=4)
+    scheduler.step_update(0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train_loop._train_one_epoch(
+        model, loader, torch.nn.CrossEntropyLoss(), optimizer, scaler, cfg, DistInfo(), "t", False, scheduler, 0
+    )
+    step = (0.01 - 1e-5) / 8
+    assert stats["lr"] == pytest.approx(1e-5 + step * (0 + 1 + 2 + 3) / 4, rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 + 4 * step, rel=1e-12)  # the next update's
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -619,8 +875,8 @@ def test_ddp_two_processes_cover_val_set_once(tmp_path):
     cmd = list(TORCHRUN_2)
     launch = tmp_path / "launch.py"  # the CLI, then whether it left its process group behind
     launch.write_text(
-        "import sys\nimport torch.distributed as dist\nfrom timm_acsi.cli.train import main\n"
-        "rc = main(sys.argv[1:], 't')\nprint('process group left:', dist.is_initialized())\nsys.exit(rc)\n"
+        "import sys\nimport torch.distributed as dist\nfrom timm_acsi.cli import run_command\n"
+        "rc = run_command('train', sys.argv[1:])\nprint('process group left:', dist.is_initialized())\nsys.exit(rc)\n"
     )
     cmd += [str(launch), "--data", str(data), "--output", str(out), "--epochs", "1"]
     cmd += ["--img-size", "28", "--resize", "32", "--batch-size", "4", "--workers", "0", "--quiet"]

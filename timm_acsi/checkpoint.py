@@ -11,9 +11,9 @@ import json
 import os
 import pickle
 import re
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,17 +47,20 @@ def sidecar_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def atomic_write(path: PathLike, write_fn) -> None:
+def atomic_write(path: PathLike, write_fn: Callable[[str], Any]) -> None:
     """Write ``path`` through ``write_fn(tmp_path)`` and rename it into place.
 
-    An interrupted write leaves the previous file intact: the rename is atomic on POSIX and Windows.
+    An interrupted write leaves the previous file intact: the rename is atomic on POSIX and Windows. The file
+    gets the permissions a plain ``open()`` gives (0666 less the umask), not ``mkstemp``'s owner-only 0600:
+    run folders and reports stay readable to the other users of a shared machine.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp_file(path)
     try:
+        mode = os.stat(tmp).st_mode  # what the umask left of 0666
         write_fn(tmp)
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors) create it 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,6 +68,17 @@ def atomic_write(path: PathLike, write_fn) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _create_temp_file(path: Path) -> str:
+    """A new empty file next to ``path``, created with mode 0666 so that the umask applies as for ``open()``."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
 
 
 def save_checkpoint(path: PathLike, state_dict: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Path:
@@ -123,11 +137,14 @@ def load_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[D
 
     Raises:
         FileNotFoundError: no such file.
+        PermissionError: the file cannot be read.
         ValueError: the file is corrupt, needs unpickling arbitrary objects, or holds no state dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path} exists but cannot be read (permission denied): fix its permissions (chmod +r).")
     if path.suffix == ".safetensors":
         meta = read_checkpoint_meta(path)
         try:

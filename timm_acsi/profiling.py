@@ -90,7 +90,7 @@ class PaperFigure:
     source: str
 
 
-#: The paper's reported figures, keyed by the paper's model name (PAPER.md maps them to our placements).
+#: The paper's reported figures, keyed by the paper's model name (docs/design.md maps them to our placements).
 PAPER_FIGURES: Dict[str, PaperFigure] = {
     f.label: f
     for f in (
@@ -133,7 +133,7 @@ PROFILE_SPECS: Dict[str, ProfileSpec] = {
         ProfileSpec("acsinet18", "acsinet18", paper="ACSI-Net-18"),
         ProfileSpec("acsinet34", "acsinet34"),
         ProfileSpec("acsinet50", "acsinet50"),
-        # CA placements of PAPER.md (the paper's CA-a / CA-b rows are matched by parameter count)
+        # CA placements of docs/design.md (the paper's CA-a / CA-b rows are matched by parameter count)
         ProfileSpec(
             "acsinet18:stage", "acsinet18", {"attn_placement": "stage", "final_attn": False}, paper="CoResNet_CA-a"
         ),

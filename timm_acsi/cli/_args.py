@@ -1,7 +1,7 @@
 """Argument types shared by the ``timm-acsi`` subcommands."""
 
 import argparse
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import yaml
 
@@ -14,6 +14,38 @@ def key_value(text: str) -> Tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def label_names(text: str) -> List[str]:
+    """``NAME,NAME,...``: the class of each model output, in output order (``--label-names``)."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated class names (e.g. anger,disgust,fear,happiness,sadness,surprise,neutral), "
+            f"got {text!r}"
+        )
+    return names
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (sizes, counts)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0 (worker counts, warm-up rounds)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 MODEL_ARGS_HELP = (
     "extra create_model kwargs as KEY=VALUE items, e.g. --model-args attn_placement=stage final_attn=false"
 )
+LABEL_NAMES_HELP = "class names in the order of the model's outputs (e.g. anger,disgust,fear,happiness,sadness,...)"

@@ -11,12 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 from ..data import LAYOUTS
 from ..metrics import format_metrics, plot_confusion_matrix, save_metrics
 from ..train import evaluate_checkpoint
-from ._args import MODEL_ARGS_HELP, key_value
+from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names, non_negative_int, positive_int
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -42,22 +42,24 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--label-names",
-        type=lambda text: [n.strip() for n in text.split(",")],
+        type=label_names,
         metavar="NAME,NAME,...",
-        help="class names in the order of the model's outputs, for checkpoints without a description "
-        "(e.g. anger,disgust,fear,happiness,sadness,surprise,neutral)",
+        help=f"{LABEL_NAMES_HELP}; for checkpoints without a description",
     )
-    parser.add_argument("--img-size", type=int, help="centre-crop size (default: the checkpoint's input size)")
+    parser.add_argument("--img-size", type=positive_int, help="centre-crop size (default: the checkpoint's input size)")
     parser.add_argument(
         "--resize",
-        type=int,
+        type=positive_int,
         help="resize before cropping (default: img-size / the checkpoint's crop_pct, or 256 / 224)",
     )
     parser.add_argument("--dataset-name", help="dataset name written into metrics.json (default: from the layout)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
     workers = min(4, os.cpu_count() or 1)
     parser.add_argument(
-        "--workers", type=int, default=workers, help=f"data loading workers (default: min(4, CPUs) = {workers})"
+        "--workers",
+        type=non_negative_int,
+        default=workers,
+        help=f"data loading workers (default: min(4, CPUs) = {workers})",
     )
     parser.add_argument("--device", help="device (default: cuda if available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
@@ -69,41 +71,29 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
     args = build_parser(prog).parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    outputs = [Path(args.out) / name for name in ("metrics.json", "confusion_matrix.png")] if args.out else []
-    existing = [p.name for p in outputs if p.exists()]
-    if existing and not args.overwrite:  # checked before evaluating: nothing is computed only to be refused
-        print(
-            f"{prog}: error: {args.out} already holds {' and '.join(existing)}: pass --overwrite to replace them, "
-            "or pick another --out.",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        metrics = evaluate_checkpoint(
-            args.checkpoint,
-            args.data,
-            split=args.split,
-            layout=args.layout,
-            model_name=args.model,
-            model_args=dict(args.model_args) if args.model_args is not None else None,
-            num_classes=args.num_classes,
-            label_names=args.label_names,
-            img_size=args.img_size,
-            resize=args.resize,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
-            amp=args.amp,
-            tta_flip=args.tta_flip,
-            skip_unreadable=args.skip_unreadable,
-            dataset_name=args.dataset_name,
-            progress=not args.quiet,
-        )
-    except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    outputs = _check_out(args.out, args.overwrite)  # before evaluating: nothing is computed only to be refused
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        layout=args.layout,
+        model_name=args.model,
+        model_args=dict(args.model_args) if args.model_args is not None else None,
+        num_classes=args.num_classes,
+        label_names=args.label_names,
+        img_size=args.img_size,
+        resize=args.resize,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        tta_flip=args.tta_flip,
+        skip_unreadable=args.skip_unreadable,
+        dataset_name=args.dataset_name,
+        progress=not args.quiet,
+    )
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
-    if args.out:
+    if outputs:
         metrics_path, plot_path = outputs
         save_metrics(metrics_path, metrics)
         tta = " (flip TTA)" if args.tta_flip else ""
@@ -114,5 +104,27 @@ def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
     return 0
 
 
+def _check_out(out: Optional[str], overwrite: bool) -> List[Path]:
+    """The files ``--out`` will receive; a file in the folder's place, or results it holds (without
+    ``--overwrite``), raise."""
+    if not out:
+        return []
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--out {out} is a file: pass a folder for metrics.json and confusion_matrix.png.")
+    outputs = [folder / name for name in ("metrics.json", "confusion_matrix.png")]
+    folders = [p.name for p in outputs if p.is_dir()]
+    if folders:
+        raise IsADirectoryError(f"{out} holds a folder named {' and '.join(folders)}: pick another --out.")
+    existing = [p.name for p in outputs if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {' and '.join(existing)}: pass --overwrite to replace them, or pick another --out."
+        )
+    return outputs
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from . import run_command
+
+    sys.exit(run_command("evaluate", sys.argv[1:]))

@@ -16,6 +16,7 @@ import torch
 from .. import profiling
 from ..checkpoint import atomic_write
 from ..profiling import PAPER_FIGURES, LayerParity, ModelParity, ModelProfile, ProfileSpec
+from ._args import non_negative_int, positive_int
 
 MAX_FAILURES_SHOWN = 5
 LATENCY_BASELINE = "resnet18"  # timm's model every latency is compared with, measured in the same run
@@ -39,9 +40,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help=f"models, comma or space separated: groups {groups}, {', '.join(profiling.PROFILE_SPECS)}, or any "
         "timm model name (default: 18 = resnet18, coresnet18, acsinet18 and its attention placements)",
     )
-    p.add_argument("--image-size", type=int, default=224, help="input height and width (default 224)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size for counts and latency (default 1)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000, as the paper)")
+    p.add_argument(
+        "--img-size",
+        "--image-size",
+        dest="img_size",
+        type=positive_int,
+        default=224,
+        help="input height and width (default 224)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size for counts and latency (default 1)")
+    p.add_argument(
+        "--num-classes", type=positive_int, default=1000, help="classifier size (default 1000, as the paper)"
+    )
     p.add_argument(
         "--count-elementwise",
         action="store_true",
@@ -57,9 +67,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="latency devices, e.g. cpu cuda (default: cpu, plus cuda when a GPU is present; counts use cpu)",
     )
     p.add_argument("--channels-last", action="store_true", help="latency with channels_last memory format")
-    p.add_argument("--warmup", type=int, default=3, help="latency warm-up forwards per model (default 3)")
-    p.add_argument("--rounds", type=int, default=7, help="latency rounds; the median is reported (default 7)")
-    p.add_argument("--iters", type=int, default=5, help="forwards per model per round (default 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="latency warm-up forwards per model (default 3)")
+    p.add_argument("--rounds", type=positive_int, default=7, help="latency rounds; the median is reported (default 7)")
+    p.add_argument("--iters", type=positive_int, default=5, help="forwards per model per round (default 5)")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown (README, model cards)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every number as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --markdown/--json files")
@@ -130,7 +140,7 @@ def _notes(specs: List[ProfileSpec], profiles: Dict[str, ModelProfile]) -> List[
     if papers:
         lines.append(
             "Paper: Li, Zhu, Zhou, Entropy 2022, 24, 882; " + "; ".join(papers) + ". Paper time = seconds per "
-            "test image on a GTX 1650. CA-a/CA-b are matched to our placements by parameter count (PAPER.md)."
+            "test image on a GTX 1650. CA-a/CA-b are matched to our placements by parameter count (docs/design.md)."
         )
     variants = [f"`{s.name}` = {s.architecture}({_kwargs(s.model_args)})" for s in specs if s.model_args]
     if variants:
@@ -192,8 +202,8 @@ def _markdown(
 def _argv_repro(args: argparse.Namespace) -> List[str]:
     """The options that change the numbers, to print how the Markdown was generated."""
     argv = ["--models", *args.models]
-    if args.image_size != 224:
-        argv += ["--image-size", str(args.image_size)]
+    if args.img_size != 224:
+        argv += ["--img-size", str(args.img_size)]
     if args.batch_size != 1:
         argv += ["--batch-size", str(args.batch_size)]
     if args.num_classes != 1000:
@@ -203,6 +213,16 @@ def _argv_repro(args: argparse.Namespace) -> List[str]:
     if args.latency:
         argv += ["--latency", "--device", *args.device] + (["--channels-last"] if args.channels_last else [])
     return argv
+
+
+def _check_output(path: Optional[Path], overwrite: bool) -> None:
+    """Refuse a ``--markdown``/``--json`` path that is a folder, or an existing file without ``--overwrite``."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: pass a file path (e.g. {path / 'table.md'}).")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --overwrite to replace it.")
 
 
 def _versions() -> Dict[str, str]:
@@ -231,7 +251,7 @@ def _json_data(
     """Every number of the run, for the README table and the Hub model cards."""
     return {
         "settings": {
-            "input_size": [args.batch_size, 3, args.image_size, args.image_size],
+            "input_size": [args.batch_size, 3, args.img_size, args.img_size],
             "num_classes": args.num_classes,
             "count_elementwise": args.count_elementwise,
             "latency_devices": list(latency) if latency else None,
@@ -262,27 +282,19 @@ def _json_data(
     }
 
 
-def main(argv: Sequence[str], prog: str) -> int:
+def main(argv: Sequence[str], prog: str = "timm-acsi profile") -> int:
     args = _parser(prog).parse_args(argv)
-    names = [n for arg in args.models for n in arg.split(",") if n]
-    try:
-        specs = profiling.resolve_specs(names)
-    except ValueError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    for path in (args.markdown, args.json):
-        if path is not None and path.exists() and not args.overwrite:
-            print(f"{prog}: {path} exists; pass --overwrite to replace it.", file=sys.stderr)
-            return 2
+    specs = profiling.resolve_specs([n for arg in args.models for n in arg.split(",") if n])
+    for path in (args.markdown, args.json):  # before profiling: nothing is computed only to be refused
+        _check_output(path, args.overwrite)
     if args.latency:
         args.device = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         if any(torch.device(d).type == "cuda" for d in args.device) and not torch.cuda.is_available():
-            print(f"{prog}: --device {' '.join(args.device)} asks for CUDA, which is not available.", file=sys.stderr)
-            return 2
+            raise ValueError(f"--device {' '.join(args.device)} asks for CUDA, which is not available.")
         if LATENCY_BASELINE not in {s.name for s in specs}:
             specs.insert(0, profiling.PROFILE_SPECS[LATENCY_BASELINE])
 
-    input_size = (args.batch_size, 3, args.image_size, args.image_size)
+    input_size = (args.batch_size, 3, args.img_size, args.img_size)
     versions = _versions()
     settings = (
         f"input {'x'.join(map(str, input_size))}, num_classes={args.num_classes}, "
@@ -374,3 +386,9 @@ def main(argv: Sequence[str], prog: str) -> int:
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         print(f"Wrote {args.json}")
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    from . import run_command
+
+    sys.exit(run_command("profile", sys.argv[1:]))

@@ -5,10 +5,8 @@ import json
 import sys
 from typing import Sequence
 
-from huggingface_hub.errors import HfHubHTTPError
-
 from ..hub import publish
-from ._args import MODEL_ARGS_HELP, key_value
+from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names
 
 EXAMPLES = """examples:
   timm-acsi publish --model acsinet18 --checkpoint run/best.safetensors --repo-id ORG/acsinet18.rafdb \\
@@ -31,7 +29,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="Hub repo ORG/NAME, e.g. my-org/acsinet18.rafdb")
     p.add_argument("--model", help="architecture (default: the checkpoint's meta), e.g. acsinet18")
     p.add_argument("--num-classes", type=int, help="head size (default: meta, else the number of label names)")
-    p.add_argument("--label-names", help="comma-separated class names in output order (default: meta)")
+    p.add_argument(
+        "--label-names", type=label_names, metavar="NAME,NAME,...", help=f"{LABEL_NAMES_HELP} (default: meta)"
+    )
     p.add_argument("--model-args", nargs="+", type=key_value, metavar="KEY=VALUE", help=MODEL_ARGS_HELP)
     p.add_argument("--dataset", help="training dataset for the card (default: meta), e.g. RAF-DB")
     p.add_argument("--license", help="license of the weights (default: other; mind the dataset's terms)")
@@ -42,40 +42,37 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--revision", default="main", help="branch to commit to (created if missing; default: main)")
     p.add_argument("--commit-message", help="commit message (default: describes model, dataset and accuracy)")
     p.add_argument("--dry-run", metavar="OUT_DIR", help="write the Hub files to a new or empty OUT_DIR; upload nothing")
+    p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (half the size; loads into fp32)")
+    p.add_argument("--card-notes", metavar="FILE", help="markdown added to the model card (recipe, more results)")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the Hub files already in OUT_DIR (from an earlier dry run) or on the Hub revision",
+        help="replace the Hub files of an earlier dry run in OUT_DIR (files publish did not write are never "
+        "replaced) or those on the Hub revision",
     )
     return p
 
 
 def main(argv: Sequence[str], prog: str = "timm-acsi publish") -> int:
     args = _parser(prog).parse_args(argv)
-    label_names = [n.strip() for n in args.label_names.split(",") if n.strip()] if args.label_names else None
-    try:
-        result = publish(
-            args.checkpoint,
-            args.repo_id,
-            model=args.model,
-            num_classes=args.num_classes,
-            label_names=label_names,
-            model_args=dict(args.model_args) if args.model_args is not None else None,
-            dataset=args.dataset,
-            license=args.license,
-            metrics=args.metrics,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            dry_run_dir=args.dry_run,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except (HfHubHTTPError, ConnectionError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+    result = publish(
+        args.checkpoint,
+        args.repo_id,
+        model=args.model,
+        num_classes=args.num_classes,
+        label_names=args.label_names,
+        model_args=dict(args.model_args) if args.model_args is not None else None,
+        dataset=args.dataset,
+        license=args.license,
+        metrics=args.metrics,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        dry_run_dir=args.dry_run,
+        overwrite=args.overwrite,
+        fp16=args.fp16,
+        card_notes=args.card_notes,
+    )
 
     spec = result.spec
     print(
@@ -103,3 +100,9 @@ def main(argv: Sequence[str], prog: str = "timm-acsi publish") -> int:
             print(f"commit: {result.commit_url}")
         print(f"load: timm.create_model('hf-hub:{args.repo_id}', pretrained=True) after `import timm_acsi`")
     return 0
+
+
+if __name__ == "__main__":
+    from . import run_command
+
+    sys.exit(run_command("publish", sys.argv[1:]))

@@ -17,7 +17,7 @@ from typing import Any, Dict, Sequence
 
 import yaml
 
-from ..train import RunError, TrainConfig, config_from_dict, load_config_file, train
+from ..train import TrainConfig, config_from_dict, load_config_file, train
 from ._args import key_value
 
 #: Flag spellings that differ from the field name.
@@ -76,33 +76,28 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             raise ValueError("--resume needs the run folder: pass --output runs/NAME.")
         run_config = Path(output) / "config.yaml"
         if not run_config.is_file():
-            raise FileNotFoundError(f"Cannot resume: {run_config} does not exist.")
+            raise FileNotFoundError(
+                f"Cannot resume: {output} holds no run that completed an epoch (no config.yaml). Start a new run "
+                "without --resume."
+            )
         cfg = config_from_dict(load_config_file(run_config), cfg)
     return config_from_dict(flags, config_from_dict(file_values, cfg))
 
 
 def main(argv: Sequence[str], prog: str = "timm-acsi train") -> int:
     args = build_parser(prog).parse_args(list(argv))
-    try:
-        cfg = resolve_config(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(args)
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s", stream=sys.stdout)
-    try:
-        metrics = train(
-            cfg,
-            resume=getattr(args, "resume", False),
-            overwrite=getattr(args, "overwrite", False),
-            progress=not getattr(args, "quiet", False),
-        )
-    except (ValueError, OSError, RunError) as e:  # FileExistsError, FileNotFoundError, PermissionError are OSErrors
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    metrics = train(
+        cfg,
+        resume=getattr(args, "resume", False),
+        overwrite=getattr(args, "overwrite", False),
+        progress=not getattr(args, "quiet", False),
+    )
     if main_rank:
         print(
             f"{metrics['dataset']} [{metrics['split']}]: accuracy {100 * metrics['accuracy']:.2f}%, "
@@ -111,5 +106,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi train") -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m timm_acsi.cli.train ...
+    from . import run_command
+
+    sys.exit(run_command("train", sys.argv[1:]))

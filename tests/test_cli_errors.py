@@ -1,0 +1,83 @@
+"""One place for CLI errors: every command's exceptions become one line ``timm-acsi CMD: error: ...`` with exit
+code 2 (bad input) or 1 (a failure of the Hub, the network or the disk); bugs keep their traceback."""
+
+import errno
+import importlib
+import inspect
+import sys
+from types import ModuleType
+
+import pytest
+
+from timm_acsi import cli
+from timm_acsi.data import UnreadableImageError
+from timm_acsi.train import RunError
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ValueError("bad value"), 2),
+        (FileNotFoundError("no such file"), 2),
+        (FileExistsError("occupied"), 2),
+        (PermissionError("denied"), 2),
+        (IsADirectoryError("a folder"), 2),
+        (RunError("rank 0 refused the run folder"), 2),
+        (UnreadableImageError("x.png is not an image"), 2),
+        (ConnectionError("Hub unreachable"), 1),
+        (OSError(errno.ENOSPC, "No space left on device"), 1),
+        (KeyError("bug"), None),
+        (TypeError("bug"), None),
+    ],
+)
+def test_exit_codes(error, code):
+    assert cli.exit_code(error) == code
+
+
+@pytest.fixture
+def fake_command(monkeypatch):
+    """A ``timm-acsi fake`` command whose main raises what the test puts in ``module.error``."""
+    module = ModuleType("timm_acsi.cli._fake")
+
+    def main(argv, prog="timm-acsi fake"):
+        raise module.error
+
+    module.main = main
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("_fake", "a test command"))
+    return module
+
+
+def test_run_command_prints_one_line_and_returns_the_code(fake_command, capsys):
+    fake_command.error = ValueError("no dataset at /data:\n  pass --data ROOT")
+    assert cli.main(["fake"]) == 2
+    assert capsys.readouterr().err == "timm-acsi fake: error: no dataset at /data: pass --data ROOT\n"
+    fake_command.error = ConnectionError("Could not reach the Hub")
+    assert cli.main(["fake"]) == 1
+    assert capsys.readouterr().err == "timm-acsi fake: error: Could not reach the Hub\n"
+
+
+def test_bugs_keep_their_traceback(fake_command):
+    fake_command.error = KeyError("missing")
+    with pytest.raises(KeyError):
+        cli.main(["fake"])
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["trian"]) == 2
+    assert capsys.readouterr().err.startswith("timm-acsi: error: unknown command 'trian'")
+
+
+def test_every_command_has_the_same_main_signature():
+    for name, (module_name, _) in cli.COMMANDS.items():
+        main = importlib.import_module(f"timm_acsi.cli.{module_name}").main
+        params = list(inspect.signature(main).parameters.values())
+        assert [p.name for p in params] == ["argv", "prog"], name
+        assert params[1].default == f"timm-acsi {name}", name
+
+
+@pytest.mark.parametrize("command", ["evaluate", "profile"])
+def test_img_size_is_spelled_the_same_everywhere(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert "--img-size" in capsys.readouterr().out
