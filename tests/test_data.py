@@ -154,7 +154,7 @@ def test_wrong_layout_explicit(tmp_path):
     root = make_folder_dataset(tmp_path, per_class=1, classes=["happy"])
     with pytest.raises(FileNotFoundError, match=r"RAF-DB label file .*list_patition_label.txt not found"):
         build_dataset(root, "train", layout="rafdb")
-    with pytest.raises(ValueError, match="Unknown dataset layout 'raf'; use one of folder, rafdb, affectnet"):
+    with pytest.raises(ValueError, match="Unknown dataset layout 'raf'; use one of folder, fer2013, rafdb, affectnet"):
         build_dataset(root, "train", layout="raf")
     with pytest.raises(ValueError, match="Unknown split 'valid'"):
         build_dataset(root, "valid")
@@ -229,7 +229,7 @@ def test_affectnet_missing_split(tmp_path):
 
 
 def test_detect_layout(tmp_path):
-    assert LAYOUTS == ("folder", "rafdb", "affectnet")
+    assert LAYOUTS == ("folder", "fer2013", "rafdb", "affectnet")
     assert detect_layout(make_folder_dataset(tmp_path / "f", per_class=1, classes=["sad"])) == "folder"
     assert detect_layout(make_rafdb_dataset(tmp_path / "r", per_class=1)) == "rafdb"
     assert detect_layout(make_affectnet_dataset(tmp_path / "a", per_class=1, ids=[0])) == "affectnet"

@@ -118,7 +118,9 @@ def test_case_duplicate_class_folders_refused(tmp_path):
 
 def test_case_duplicate_split_folders_refused(tmp_path):
     make_folder_dataset(tmp_path, per_class=1, classes=["happy"], splits=("train", "Train"))
-    with pytest.raises(ValueError, match=r"Folders .*/Train and .*/train differ only in case, so they mean the same; merge them"):
+    with pytest.raises(
+        ValueError, match=r"Folders .*/Train and .*/train differ only in case, so they mean the same; merge them"
+    ):
         build_dataset(tmp_path, "train")
 
 

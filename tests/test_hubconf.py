@@ -70,7 +70,7 @@ def test_hub_load_local_in_clean_interpreter(tmp_path):
         tmp_path,
     )
     result = json.loads(out.strip().splitlines()[-1])
-    assert result == dict(params=11_275_527, cls="CoResNet", num_classes=7, out=[1, 7], tag="rafdb")
+    assert result == dict(params=11_275_527, cls="CoResNet", num_classes=7, out=[1, 7], tag="fer2013")
     assert not (tmp_path / "torch_home" / "hub" / "checkpoints").exists()  # nothing downloaded
 
 

@@ -119,7 +119,8 @@ def _ca_params(channels: int) -> int:
 
 def test_names_and_tags_registered():
     assert MODEL_NAMES == ["acsinet18", "acsinet34", "acsinet50", "coresnet18", "coresnet34", "coresnet50"]
-    assert MODEL_TAGS == sorted(f"{n}.{t}" for n in MODEL_NAMES for t in ("rafdb", "affectnet7", "tv_in1k", "a1_in1k"))
+    tags = [f"{n}.{t}" for n in MODEL_NAMES for t in ("rafdb", "affectnet7", "tv_in1k", "a1_in1k")]
+    assert MODEL_TAGS == sorted(tags + ["acsinet18.fer2013"])  # the FER-2013 weights that ship
     assert set(timm.list_pretrained(["coresnet*", "acsinet*"])) <= set(MODEL_TAGS)
 
 
@@ -312,6 +313,8 @@ def test_state_dict_layout_is_resnets(name):
     "name, kwargs, match",
     [
         ("acsinet18", dict(attn_placement="foo"), r"attn_placement must be one of \('block', 'stage', 'none'\)"),
+        ("acsinet18", dict(final_attn="false"), r"final_attn must be True or False, got 'false'"),
+        ("coresnet18", dict(final_attn=1), r"final_attn must be True or False, got 1"),
         ("coresnet18", dict(coconv_levels=(4, 3, 2)), r"coconv_levels needs one level per stage \(4\)"),
         ("coresnet18", dict(coconv_levels=(4, 3, 2, 1, 1)), r"coconv_levels needs one level per stage"),
         ("coresnet50", dict(contextual_convs=("conv1",)), r"'conv1', which is not a 3x3 conv of Bottleneck"),
@@ -395,11 +398,11 @@ def test_default_cfgs(tag):
     model = _meta(tag, dtype=torch.float32).eval()
     cfg = model.pretrained_cfg
     assert cfg["tag"] == tag.split(".")[1] and cfg["architecture"] == name
-    assert model.num_classes == cfg["num_classes"] == (7 if tag.endswith(("rafdb", "affectnet7")) else 1000)
+    assert model.num_classes == cfg["num_classes"] == (7 if tag.endswith(("rafdb", "affectnet7", "fer2013")) else 1000)
     num_features = STAGE_CHS[_depth(name)][-1]
     assert model.num_features == model.head_hidden_size == num_features
     assert model.in_chans == cfg["input_size"][0] == 3
-    assert cfg["pool_size"] == (7, 7)
+    assert cfg["pool_size"] == ((2, 2) if tag.endswith("fer2013") else (7, 7))  # FER-2013 faces are 48x48
 
     x = torch.randn(1, *cfg["input_size"], device="meta")
     feats = model.forward_features(x)

@@ -16,6 +16,7 @@ from torch import nn
 
 import timm_acsi  # noqa: F401  (registers the models)
 from timm_acsi import FER7_LABELS, CoConv2d
+from timm_acsi.models.coresnet import FER2013_SHIPPED
 
 MODEL_NAMES = timm.list_models(["coresnet*", "acsinet*"])
 FER_TAGS = [f"{n}.{t}" for n in MODEL_NAMES for t in ("rafdb", "affectnet7")]
@@ -197,7 +198,7 @@ def test_in1k_tags_point_at_timm_resnet_weights(tag):
 def test_default_tag(name):
     with torch.device("meta"):
         model = timm.create_model(name, device="meta")
-    assert model.pretrained_cfg["tag"] == "rafdb"
+    assert model.pretrained_cfg["tag"] == ("fer2013" if name in FER2013_SHIPPED else "rafdb")
     assert model.num_classes == 7 and tuple(model.pretrained_cfg["label_names"]) == FER7_LABELS
 
 

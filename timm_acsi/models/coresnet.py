@@ -10,6 +10,7 @@ CoResNet strictly, into ACSI-Net with only the attention modules left freshly in
 """
 
 import logging
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -36,6 +37,15 @@ _logger = logging.getLogger(__name__)
 ATTN_MODULE_NAMES = ("se", "attn", "final_attn")
 ATTN_PLACEMENTS = ("block", "stage", "none")
 PAPER_DOI = "doi:10.3390/e24070882"
+
+#: Hub-ready folders of the weights that ship inside the package (``<model>.<tag>/model.safetensors``, fp16).
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+#: Architectures with FER-2013 weights in :data:`WEIGHTS_DIR`; their ``.fer2013`` tag is the default tag.
+FER2013_SHIPPED = ("acsinet18",)
+#: Tags whose weights were trained on grayscale faces. timm's ``PretrainedCfg`` has no field for it (an extra
+#: key would break timm's Hub loading), so models carry it as ``model.grayscale`` and as a recorded model arg,
+#: which timm's ``save_for_hf`` writes to ``config.json`` and ``hf-hub:`` loading passes back.
+GRAYSCALE_TAGS = frozenset(f"{m}.fer2013" for m in FER2013_SHIPPED)
 
 
 class CoResNet(ResNet):
@@ -73,6 +83,8 @@ class CoResNet(ResNet):
     ) -> None:
         if attn_placement not in ATTN_PLACEMENTS:
             raise ValueError(f"attn_placement must be one of {ATTN_PLACEMENTS}, got {attn_placement!r}.")
+        if not isinstance(final_attn, bool):  # "false" is truthy: a string would silently add the module
+            raise ValueError(f"final_attn must be True or False, got {final_attn!r}.")
         if len(coconv_levels) != len(layers):
             raise ValueError(f"coconv_levels needs one level per stage ({len(layers)}), got {list(coconv_levels)}.")
         if any(not isinstance(lv, int) or lv < 1 for lv in coconv_levels):
@@ -136,13 +148,22 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CoResNet) -
     return state_dict
 
 
-def _create_coresnet(variant: str, pretrained: bool = False, **kwargs: Any) -> CoResNet:
+def _create_coresnet(
+    variant: str, pretrained: bool = False, grayscale: Optional[bool] = None, **kwargs: Any
+) -> CoResNet:
+    """Build ``variant`` through timm. ``grayscale`` (default: whether the tag's weights were trained on
+    grayscale faces) becomes ``model.grayscale``, which tells the predictor, evaluation and export to feed
+    grayscale faces replicated to 3 channels."""
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
+    if grayscale is None:
+        grayscale = f"{variant}.{cfg.tag}" in GRAYSCALE_TAGS
+    if not isinstance(grayscale, bool):
+        raise ValueError(f"grayscale must be True or False, got {grayscale!r}.")
     if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant,
-            pretrained_cfg=kwargs.get("pretrained_cfg"),
-            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-        )
         if not (cfg.has_weights or cfg.state_dict is not None):
             tags = [n for n in list_pretrained(f"{variant}.*") if get_pretrained_cfg(n).has_weights]
             raise RuntimeError(
@@ -150,7 +171,11 @@ def _create_coresnet(variant: str, pretrained: bool = False, **kwargs: Any) -> C
                 f"({', '.join(tags)}), 'hf-hub:ORG/NAME' for weights on the Hub, or "
                 "pretrained_cfg_overlay=dict(file='model.safetensors') for a local checkpoint."
             )
-    return build_model_with_cfg(CoResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    model = build_model_with_cfg(CoResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    model.grayscale = grayscale
+    if grayscale:
+        model._model_args = {"grayscale": True}  # timm merges the factory's kwargs into it; save_for_hf writes it
+    return model
 
 
 def _fer_cfg(dataset: str, **kwargs: Any) -> Dict[str, Any]:
@@ -178,6 +203,22 @@ def _fer_cfg(dataset: str, **kwargs: Any) -> Dict[str, Any]:
     }
 
 
+def _fer2013_cfg(model: str) -> Dict[str, Any]:
+    """FER-2013 weights shipped with the package: native 48x48 grayscale faces, fed whole (crop_pct 1.0)."""
+    return _fer_cfg(
+        "FER-2013",
+        file=str(WEIGHTS_DIR / f"{model}.fer2013" / "model.safetensors"),
+        input_size=(3, 48, 48),
+        pool_size=(2, 2),
+        crop_pct=1.0,
+        origin_url="https://www.kaggle.com/c/challenges-in-representation-learning-facial-expression-recognition-challenge",
+        description=(
+            "Trained by timm-acsi on FER-2013 (train = Training, selected on PublicTest; results on PrivateTest in "
+            "the model card). Grayscale faces, 48x48, replicated to 3 channels. FER-2013's terms: research use."
+        ),
+    )
+
+
 def _in1k_cfg(resnet: str, tag: str) -> Dict[str, Any]:
     """Load timm's ImageNet ResNet weights into the same-depth CoResNet/ACSI-Net (same weight layout)."""
     cfg = get_pretrained_cfg(f"{resnet}.{tag}").to_dict()
@@ -191,17 +232,21 @@ def _in1k_cfg(resnet: str, tag: str) -> Dict[str, Any]:
 
 
 def _cfgs(model: str, resnet: str) -> Dict[str, Dict[str, Any]]:
-    """Tags of one model; the FER-7 RAF-DB head is the default (``*``).
+    """Tags of one model; the default (``*``) is the shipped FER-2013 weights, else the FER-7 RAF-DB head.
 
     timm's ``generate_default_cfgs`` lets a later tag with weights displace an earlier ``*`` default, so the
     ImageNet tags (which have weights) come first and the starred FER tag after them.
     """
-    return {
+    shipped = model in FER2013_SHIPPED
+    cfgs = {
         f"{model}.tv_in1k": _in1k_cfg(resnet, "tv_in1k"),
         f"{model}.a1_in1k": _in1k_cfg(resnet, "a1_in1k"),
-        f"{model}.rafdb*": _fer_cfg("RAF-DB (basic)"),
+        f"{model}.rafdb" + ("" if shipped else "*"): _fer_cfg("RAF-DB (basic)"),
         f"{model}.affectnet7": _fer_cfg("AffectNet-7"),
     }
+    if shipped:
+        cfgs[f"{model}.fer2013*"] = _fer2013_cfg(model)
+    return cfgs
 
 
 default_cfgs = generate_default_cfgs(
