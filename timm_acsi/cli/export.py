@@ -1,0 +1,120 @@
+"""``timm-acsi export``: any model source to an ONNX file with its labels and preprocessing, checked for parity."""
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from ._args import MODEL_ARGS_HELP, key_value
+
+EXAMPLES = """examples:
+  timm-acsi export --model runs/acsinet18-fer2013 --output acsinet18.onnx
+  timm-acsi export --model hf-hub:ORG/acsinet18.rafdb --output acsinet18.onnx --dynamic-size --fp16
+  timm-acsi export --model old/model_best.pth --arch acsinet18 \\
+      --label-names anger,disgust,fear,happiness,sadness,surprise,neutral --output acsinet18.onnx
+
+The file is kept only if onnxruntime reproduces the PyTorch model (logits and softmax within the tolerance,
+same argmax) on random inputs and on a real face. Run it with `timm-acsi predict --backend onnxruntime`."""
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Export a model to ONNX (labels and preprocessing in its metadata) and check that onnxruntime "
+        "computes what PyTorch computes.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="model source: tag, hf-hub:ORG/NAME, local-dir:PATH, checkpoint, run")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--dynamic-size", action="store_true", help="free input height and width (default: fixed)")
+    p.add_argument("--batch-size", type=int, help="fix the batch axis to this size (default: free)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--fp16", action="store_true", help="float16 graph: half the file; for GPU execution providers")
+    p.add_argument(
+        "--exporter",
+        choices=("auto", "dynamo", "torchscript"),
+        default="auto",
+        help="auto (default): torch.export-based dynamo exporter, the TorchScript exporter if it fails",
+    )
+    p.add_argument("--tolerance", type=float, help="max abs difference of logits and softmax (default 1e-4; fp16 5e-2)")
+    p.add_argument("--parity-images", nargs="+", metavar="FILE", help="face crops for the check (default: astronaut)")
+    p.add_argument("--arch", help="architecture of a checkpoint without description, e.g. acsinet18")
+    p.add_argument("--label-names", help="comma-separated class names in output order (checkpoint without description)")
+    p.add_argument("--model-args", nargs="+", type=key_value, metavar="KEY=VALUE", help=MODEL_ARGS_HELP)
+    p.add_argument("--grayscale", action="store_true", help="the model was trained on grayscale faces (no description)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return p
+
+
+def _print_result(result, args: argparse.Namespace) -> None:
+    meta, report = result.metadata, result.parity
+    c, h, w = meta.input_size
+    axes = [a for a, free in (("batch", args.batch_size is None), ("height/width", meta.dynamic_size)) if free]
+    exporter = f"{meta.exporter} exporter"
+    if result.fallback_reason:
+        exporter += f" (the dynamo exporter failed: {result.fallback_reason})"
+    size_mb = os.path.getsize(result.path) / 1e6
+    print(f"exported {meta.architecture} from {meta.source} -> {result.path} ({size_mb:.1f} MB)")
+    print(f"graph: {meta.dtype}, opset {meta.opset}, {exporter}, free axes: {', '.join(axes) or 'none'}")
+    print(f"labels: {', '.join(f'{i}={n}' for i, n in enumerate(meta.label_names))}")
+    print(
+        f"preprocessing: {'grayscale x3, ' if meta.grayscale else ''}{h}x{w}, crop_pct {meta.crop_pct:g} "
+        f"({meta.crop_mode}), {meta.interpolation}, mean {list(meta.mean)}, std {list(meta.std)}"
+    )
+    print("parity vs PyTorch (onnxruntime, CPU):")
+    width = max(len(case.name) for case in report.cases)
+    for case in report.cases:
+        n = case.shape[0]
+        print(
+            f"  {case.name:<{width}}  |logits diff| {case.max_abs_logits:.2e}  |softmax diff| "
+            f"{case.max_abs_softmax:.2e}  same argmax {n - case.argmax_mismatches}/{n}"
+        )
+    print(f"  {report.summary()}")
+
+
+def main(argv: Sequence[str], prog: str = "timm-acsi export") -> int:
+    args = _parser(prog).parse_args(argv)
+    try:
+        from PIL import Image
+
+        from ..export.export import ParityError, check_output, export_onnx
+        from ..inference import load_image
+        from ..sources import load_model
+    except ModuleNotFoundError as e:
+        print(f'{prog}: error: {e.name} is not installed: pip install "timm-acsi[onnx]"', file=sys.stderr)
+        return 1
+    check_output(args.output, args.overwrite)  # before the model loads (a download, perhaps)
+    images = {p: Image.fromarray(load_image(p)) for p in args.parity_images} if args.parity_images else None
+    label_names = [n.strip() for n in args.label_names.split(",") if n.strip()] if args.label_names else None
+    loaded = load_model(
+        args.model,
+        architecture=args.arch,
+        label_names=label_names,
+        model_args=dict(args.model_args) if args.model_args is not None else None,
+        grayscale=True if args.grayscale else None,
+    )
+    try:
+        result = export_onnx(
+            loaded.model,
+            args.output,
+            label_names=loaded.label_names,
+            architecture=loaded.architecture,
+            data_config=loaded.data_config,
+            grayscale=loaded.grayscale,
+            source=loaded.source,
+            weights_sha256=loaded.weights_sha256,
+            dynamic_size=args.dynamic_size,
+            batch_size=args.batch_size,
+            opset=args.opset,
+            fp16=args.fp16,
+            exporter=args.exporter,
+            tolerance=args.tolerance,
+            images=images,
+            overwrite=args.overwrite,
+        )
+    except (ParityError, ModuleNotFoundError) as e:  # a wrong export or a missing package: exit 1, not bad input
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    _print_result(result, args)
+    return 0
