@@ -13,7 +13,7 @@ import pickle
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write",
     "compare_state_dicts",
     "describe_state_dict",
+    "load_weights",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -203,3 +204,36 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         return f"coresnet{depth} (or resnet{depth}: same weight layout), {head}"
     args = {k: v for k, v in (("attn_placement", placement), ("final_attn", final)) if v not in ("block", True)}
     return f"acsinet{depth}" + (f" with model_args {json.dumps(args)}" if args else "") + f", {head}"
+
+
+def _shorten(keys: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` keys, weights before BatchNorm's step counters (which say little about a mismatch)."""
+    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_weights(
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: PathLike,
+    architecture: str,
+    allow_missing: Tuple[str, ...] = (),
+    hint: str = "",
+) -> None:
+    """Load ``state_dict`` into ``model``, strictly but for keys under the ``allow_missing`` prefixes (and
+    BatchNorm step counters). A mismatch raises a short ValueError saying what the file's keys look like
+    (:func:`describe_state_dict`) instead of torch's key dump; ``hint`` (what to do) ends the message."""
+    own = model.state_dict()
+    missing, unexpected, mismatched = compare_state_dicts(own, state_dict)
+    missing = [k for k in missing if not k.startswith(allow_missing) and not k.endswith("num_batches_tracked")]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
+    problems = [
+        f"{len(keys)} {what} ({_shorten(keys)})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
+        if keys
+    ]
+    if problems:
+        looks_like = describe_state_dict(state_dict)
+        message = f"{source} does not fit {architecture}: {'; '.join(problems)}. Its keys look like {looks_like}."
+        raise ValueError(message + (f" {hint}" if hint else ""))
+    model.load_state_dict(state_dict, strict=False)  # strict in effect: every mismatch was checked above

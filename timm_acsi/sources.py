@@ -8,7 +8,6 @@ command reads checkpoint descriptions and loads weights by the same rules. Stabl
     resolve_description(meta, source, *, architecture=None, label_names=None, model_args=None,
                         num_classes=None, grayscale=None) -> ModelDescription
     build_model(description, state_dict=None, source="", **model_kwargs) -> nn.Module
-    load_weights(model, state_dict, source, architecture) -> None
 
 Sources accepted by :func:`load_model`:
 
@@ -53,7 +52,7 @@ from timm.models._hub import load_model_config_from_hf, load_model_config_from_p
 from torch import nn
 
 from . import models  # noqa: F401  (registers coresnet*/acsinet* with timm)
-from .checkpoint import PICKLE_SUFFIXES, compare_state_dicts, describe_state_dict, load_checkpoint
+from .checkpoint import PICKLE_SUFFIXES, load_checkpoint, load_weights
 from .labels import check_label_names
 
 __all__ = [
@@ -62,7 +61,6 @@ __all__ = [
     "load_model",
     "resolve_description",
     "build_model",
-    "load_weights",
     "file_sha256",
     "DEFAULT_CROP_PCT",
 ]
@@ -228,30 +226,7 @@ def _own_models() -> Sequence[str]:
 
 # ------------------------------------------------------------------------------------------------ models
 
-
-def _shorten(keys: Sequence[str], n: int = 3) -> str:
-    """The first ``n`` keys, weights before BatchNorm's step counters (which say little about a mismatch)."""
-    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, architecture: str) -> None:
-    """Load ``state_dict`` strictly; any missing, unexpected or reshaped tensor raises a short ValueError
-    saying what the file's keys look like (:func:`~timm_acsi.checkpoint.describe_state_dict`)."""
-    own = model.state_dict()
-    missing, unexpected, mismatched = compare_state_dicts(own, state_dict)
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
-    problems = [
-        f"{len(keys)} {what} ({_shorten(keys)})"
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
-        if keys
-    ]
-    if problems:
-        raise ValueError(
-            f"{source} does not fit {architecture}: {'; '.join(problems)}. Its keys look like "
-            f"{describe_state_dict(state_dict)}. Pass the architecture (and model_args) it was trained as."
-        )
-    model.load_state_dict(state_dict, strict=True)
+_FIT_HINT = "Pass the architecture (and model_args) it was trained as."
 
 
 def build_model(
@@ -275,7 +250,7 @@ def build_model(
         raise ValueError(f"model_args {kwargs} do not fit {description.architecture} ({e}): fix model_args.") from e
     model.grayscale = description.grayscale
     if state_dict is not None:
-        load_weights(model, state_dict, source or "The state dict", description.architecture)
+        load_weights(model, state_dict, source or "The state dict", description.architecture, hint=_FIT_HINT)
     return model.eval()
 
 
@@ -385,7 +360,7 @@ def _load_hub(source: str, **model_kwargs: Any) -> LoadedModel:
     except TypeError as e:
         raise ValueError(f"{source}: model_args {model_args} do not fit {arch} ({e}).") from e
     state_dict, _ = load_checkpoint(weights)
-    load_weights(model, state_dict, source, arch)
+    load_weights(model, state_dict, source, arch, hint=_FIT_HINT)
     grayscale = model.grayscale = flagged or bool(getattr(model, "grayscale", False))
     facts = {"architecture": arch, "model_args": dict(model_args), "grayscale": grayscale, **model.pretrained_cfg}
     return _loaded(model, arch, tuple(cfg["label_names"]), grayscale, source, weights, facts)

@@ -12,7 +12,7 @@ from timm.models import get_arch_pretrained_cfgs, resolve_pretrained_cfg, split_
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from ..checkpoint import compare_state_dicts, describe_state_dict, load_checkpoint
+from ..checkpoint import load_checkpoint, load_weights
 from ..labels import check_label_names, label_names_for
 from ..models.coresnet import CoResNet, checkpoint_filter_fn
 from .config import TrainConfig
@@ -50,36 +50,6 @@ def check_model_source(cfg: TrainConfig) -> None:
 def classifier_name(architecture: str) -> str:
     """The prefix of the classifier's tensors in the architecture's state dict (timm's pretrained_cfg)."""
     return resolve_pretrained_cfg(split_model_name_tag(architecture)[0]).classifier or "fc"
-
-
-def _shorten(keys: Sequence[str], n: int = 3) -> str:
-    """The first ``n`` keys, weights before BatchNorm's step counters (which say little about a mismatch)."""
-    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
-def load_weights(
-    model: nn.Module,
-    state_dict: Dict[str, torch.Tensor],
-    source: PathLike,
-    arch: str,
-    allow_missing: Tuple[str, ...] = (),
-) -> None:
-    """Load ``state_dict`` into ``model``. Missing keys (except under the ``allow_missing`` prefixes), unexpected
-    keys and other shapes raise a short ValueError saying what the file's keys look like, not torch's key dump."""
-    own = model.state_dict()
-    missing, unexpected, mismatched = compare_state_dicts(own, state_dict)
-    missing = [k for k in missing if not k.startswith(allow_missing) and not k.endswith("num_batches_tracked")]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
-    problems = [
-        f"{len(keys)} {what} ({_shorten(keys)})"
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
-        if keys
-    ]
-    if problems:
-        looks_like = describe_state_dict(state_dict)
-        raise ValueError(f"{source} does not fit {arch}: {'; '.join(problems)}. Its keys look like {looks_like}.")
-    model.load_state_dict(state_dict, strict=False)  # strict in effect: every mismatch was checked above
 
 
 def build_model(name: str, num_classes: int, model_args: Dict[str, Any], pretrained: bool = False) -> nn.Module:
