@@ -1,6 +1,7 @@
 """Argument types shared by the ``timm-acsi`` subcommands."""
 
 import argparse
+import os
 from typing import Any, List, Tuple
 
 import yaml
@@ -43,6 +44,20 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def add_loader_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """``--batch-size`` and ``--workers`` (default min(4, CPUs): more workers than cores only slow a CPU run)."""
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help=f"batch size (default: {batch_size})"
+    )
+    workers = min(4, os.cpu_count() or 1)
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=workers,
+        help=f"data loading workers (default: min(4, CPUs) = {workers})",
+    )
 
 
 MODEL_ARGS_HELP = (

@@ -8,7 +8,6 @@ silhouettes, 2-D points and labels so the figure can be redrawn. Needs scikit-le
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -21,7 +20,7 @@ from ..checkpoint import atomic_write
 from ..data import LAYOUTS, build_dataset
 from ..sources import load_model
 from ..train.evaluation import dataset_display_name, resolve_layout
-from ._args import non_negative_int, positive_int
+from ._args import add_loader_args, positive_int
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -50,14 +49,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, t-SNE and drawing order (default: 0)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
-    workers = min(4, os.cpu_count() or 1)
-    parser.add_argument(
-        "--workers",
-        type=non_negative_int,
-        default=workers,
-        help=f"data loading workers (default: min(4, CPUs) = {workers})",
-    )
+    add_loader_args(parser)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--threads",

@@ -8,7 +8,6 @@ checkpoint without a description needs ``--model`` and ``--label-names`` (the or
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -16,7 +15,7 @@ from typing import List, Optional, Sequence
 from ..data import LAYOUTS
 from ..metrics import format_metrics, plot_confusion_matrix, save_metrics
 from ..train import evaluate_checkpoint
-from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names, non_negative_int, positive_int
+from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, add_loader_args, key_value, label_names, positive_int
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -53,14 +52,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="resize before cropping (default: img-size / the checkpoint's crop_pct, or 256 / 224)",
     )
     parser.add_argument("--dataset-name", help="dataset name written into metrics.json (default: from the layout)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
-    workers = min(4, os.cpu_count() or 1)
-    parser.add_argument(
-        "--workers",
-        type=non_negative_int,
-        default=workers,
-        help=f"data loading workers (default: min(4, CPUs) = {workers})",
-    )
+    add_loader_args(parser)
     parser.add_argument("--device", help="device (default: cuda if available, else cpu)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--skip-unreadable", action="store_true", help="skip unreadable images instead of failing")

@@ -31,7 +31,7 @@ from ..inference import (
     read_frames,
 )
 from ..inference.video import open_video
-from ._args import MODEL_ARGS_HELP, key_value
+from ._args import MODEL_ARGS_HELP, key_value, positive_int
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ORT_EXTRA = 'pip install "timm-acsi[onnx]"'
@@ -62,7 +62,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="default: torch")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (torch)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="faces per network batch (default: 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="faces per network batch (default: 32)")
     parser.add_argument("--arch", help="architecture, for checkpoints without a description (e.g. acsinet18)")
     parser.add_argument(
         "--label-names",
@@ -83,9 +83,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "--margin", type=float, default=0.2, help="crop margin around each face box, as a fraction (default: 0.2)"
     )
     parser.add_argument(
-        "--min-face", type=_positive_int, default=24, help="skip faces smaller than this, in pixels (default: 24)"
+        "--min-face", type=positive_int, default=24, help="skip faces smaller than this, in pixels (default: 24)"
     )
-    parser.add_argument("--every", type=_positive_int, default=1, help="video: every N-th frame (default: 1)")
+    parser.add_argument("--every", type=positive_int, default=1, help="video: every N-th frame (default: 1)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--csv", metavar="FILE", help="write one row per face as CSV")
     parser.add_argument("--annotate", metavar="DIR", help="write each image with boxes and labels drawn (PNG)")
@@ -98,13 +98,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------------- inputs
