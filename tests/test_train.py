@@ -876,7 +876,10 @@ def test_ddp_two_processes_cover_val_set_once(tmp_path):
     launch = tmp_path / "launch.py"  # the CLI, then whether it left its process group behind
     launch.write_text(
         "import sys\nimport torch.distributed as dist\nfrom timm_acsi.cli import run_command\n"
-        "rc = run_command('train', sys.argv[1:])\nprint('process group left:', dist.is_initialized())\nsys.exit(rc)\n"
+        "rc = run_command('train', sys.argv[1:])\n"
+        # one write of one line: the two ranks share the pipe, and separate writes can interleave
+        "sys.stdout.flush()\nsys.stdout.write(f'process group left: {dist.is_initialized()}\\n')\nsys.stdout.flush()\n"
+        "sys.exit(rc)\n"
     )
     cmd += [str(launch), "--data", str(data), "--output", str(out), "--epochs", "1"]
     cmd += ["--img-size", "28", "--resize", "32", "--batch-size", "4", "--workers", "0", "--quiet"]
