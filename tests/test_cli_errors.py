@@ -4,7 +4,9 @@ code 2 (bad input) or 1 (a failure of the Hub, the network or the disk); bugs ke
 import errno
 import importlib
 import inspect
+import runpy
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -24,6 +26,7 @@ from timm_acsi.train import RunError
         (IsADirectoryError("a folder"), 2),
         (RunError("rank 0 refused the run folder"), 2),
         (UnreadableImageError("x.png is not an image"), 2),
+        (cli.MissingExtraError("onnx", "onnx", "ONNX export"), 2),
         (ConnectionError("Hub unreachable"), 1),
         (OSError(errno.ENOSPC, "No space left on device"), 1),
         (KeyError("bug"), None),
@@ -81,3 +84,38 @@ def test_img_size_is_spelled_the_same_everywhere(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     assert "--img-size" in capsys.readouterr().out
+
+
+def test_a_failed_parity_check_is_a_failure_not_bad_input():
+    """ParityError is a ValueError (exit 2 by the rule for bad input), but a wrong export is the tool's failure."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from timm_acsi.export.export import ParityError
+
+    assert cli.exit_code(ParityError("onnxruntime does not reproduce acsinet18", report=None)) == 1
+
+
+def test_import_extra_names_the_extra_that_installs_a_missing_module(monkeypatch):
+    assert cli.import_extra("json", "onnx", "ONNX export") is sys.modules["json"]
+    monkeypatch.setitem(sys.modules, "onnx", None)  # any import of it now fails
+    with pytest.raises(cli.MissingExtraError) as info:
+        cli.import_extra("onnx", "onnx", "ONNX export")
+    assert str(info.value) == 'ONNX export needs onnx, which is not installed: pip install "timm-acsi[onnx]"'
+    assert info.value.name == "onnx" and isinstance(info.value.__cause__, ImportError)
+
+
+def test_run_command_names_the_script_that_runs_it(fake_command, capsys):
+    fake_command.error = FileExistsError("table.md exists: pass --overwrite")
+    assert cli.run_command("fake", [], prog="benchmarks/fake.py") == 2
+    assert capsys.readouterr().err == "benchmarks/fake.py: error: table.md exists: pass --overwrite\n"
+
+
+def test_profile_benchmark_errors_are_one_line(monkeypatch, capsys):
+    """benchmarks/profile_flops.py is ``timm-acsi profile`` under its own name, errors included."""
+    script = Path(__file__).parents[1] / "benchmarks" / "profile_flops.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--models", "nope"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmarks/profile_flops.py: error: Unknown model 'nope'") and err.count("\n") == 1

@@ -255,6 +255,40 @@ def test_cli_errors(checkpoint, exported, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("timm-acsi export: error: No such checkpoint")
 
 
+def test_cli_failed_parity_exits_1(checkpoint, tmp_path, monkeypatch, capsys):
+    """A wrong export is the tool's failure (exit 1), reported in one line like every error (timm_acsi.cli.ERRORS)."""
+
+    def wrong(*args, **kwargs):
+        raise ParityError("onnxruntime does not reproduce acsinet18:\n  FAILED. No file was written.", report=None)
+
+    monkeypatch.setattr(export_lib, "export_onnx", wrong)
+    assert cli_main(["export", "--model", str(checkpoint), "--output", str(tmp_path / "a.onnx")]) == 1
+    assert capsys.readouterr() == (
+        "",
+        "timm-acsi export: error: onnxruntime does not reproduce acsinet18: FAILED. No file was written.\n",
+    )
+
+
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        ("onnx", "ONNX export needs onnx"),
+        ("onnxruntime", "The parity check needs onnxruntime"),
+        ("skimage", "The parity check without --parity-images needs skimage"),
+    ],
+)
+def test_cli_missing_extra_is_one_line_before_anything(module, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # any import of it now fails
+    argv = ["export", "--model", str(tmp_path / "none.safetensors"), "--output", str(tmp_path / "a.onnx")]
+    assert cli_main(argv) == 2
+    expected = f'timm-acsi export: error: {message}, which is not installed: pip install "timm-acsi[onnx]"\n'
+    assert capsys.readouterr() == ("", expected)
+    if module == "skimage":  # needed only for the default face: with the user's own faces the export goes on
+        Image.new("RGB", (8, 8)).save(tmp_path / "face.png")
+        assert cli_main([*argv, "--parity-images", str(tmp_path / "face.png")]) == 2
+        assert capsys.readouterr().err.startswith("timm-acsi export: error: No such checkpoint")
+
+
 # ------------------------------------------------------------------------------------------------ backend
 
 

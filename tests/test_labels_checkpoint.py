@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -377,3 +378,20 @@ def test_meta_sources(tmp_path):
     save_checkpoint(ours, {"w": torch.ones(1)}, META)
     sidecar_path(ours).write_text(json.dumps({"edited": True}))
     assert read_checkpoint_meta(ours) == META  # the header, which travels with the weights, wins
+
+
+def test_load_weights_explains_a_classifier_of_another_size_first():
+    """A head of another size is the class count, not the architecture: said first and alone, its shapes not
+    listed as mismatches; the rest of a mismatch is still listed."""
+    model = timm.create_model("coresnet18", num_classes=7)
+    eight = timm.create_model("coresnet18", num_classes=8).state_dict()
+    with pytest.raises(ValueError) as e:
+        ckpt.load_weights(model, eight, "eight.safetensors", "coresnet18", hint="Fix it.")
+    assert str(e.value) == (
+        "eight.safetensors does not fit coresnet18: its classifier has 8 outputs but num_classes is 7 (pass "
+        "--num-classes 8 with 8 label names, or the checkpoint of the 7-class model). Its keys look like coresnet18 "
+        "(or resnet18: same weight layout), 8-class head. Fix it."
+    )
+    del eight["layer1.0.conv1.weight"]
+    with pytest.raises(ValueError, match=r"7-class model\); 1 missing keys \(layer1\.0\.conv1\.weight\)\. Its keys"):
+        ckpt.load_weights(model, eight, "eight.safetensors", "coresnet18")

@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -180,7 +181,9 @@ def test_video_every_n_frames(model, tmp_path, capsys):
 
 def test_none_detector_and_checkpoint_without_description(model, photos, capsys):
     code, out, err = run(capsys, photos / "astronaut.png", "--model", model / "bare.safetensors", "--detector", "none")
-    assert code == 2 and "pass architecture= and label_names= (command line: --arch and --label-names)" in err
+    assert code == 2 and err.count("\n") == 1
+    assert "bare.safetensors does not record its architecture nor the order of its outputs" in err
+    assert "pass the model name (--arch, e.g. acsinet18;" in err and "label_names, one per output" in err
     labels = ",".join(FER7_LABELS)
     code, out, err = run(
         capsys, photos / "astronaut.png", "--model", model / "bare.safetensors", "--arch", "acsinet18",
@@ -197,3 +200,49 @@ def test_bad_arguments(model, photos, capsys):
     assert code == 2 and "coresnet18.rafdb has no weights published" in err
     with pytest.raises(SystemExit):
         run(capsys, photos, "--model", model, "--every", "0")
+
+
+@pytest.mark.parametrize(
+    "video, argv, blocked, message",
+    [
+        (
+            False,
+            ["--backend", "onnxruntime", "--detector", "none"],
+            "onnxruntime",
+            '--backend onnxruntime needs onnxruntime, which is not installed: pip install "timm-acsi[onnx]"',
+        ),
+        (
+            False,
+            [],
+            "cv2",
+            'Face detection (--detector haar) needs cv2, which is not installed: pip install "timm-acsi[predict]"',
+        ),
+        (
+            True,
+            ["--detector", "none"],
+            "cv2",
+            'Reading videos needs cv2, which is not installed: pip install "timm-acsi[predict]"',
+        ),
+    ],
+)
+def test_missing_extra_is_one_line_before_the_model_loads(
+    photos, tmp_path, monkeypatch, capsys, video, argv, blocked, message
+):
+    """A missing optional package is named with the extra that installs it, before any model is read."""
+    (tmp_path / "clip.avi").write_bytes(b"RIFF never read")
+    inputs = [photos / "astronaut.png"] + ([tmp_path / "clip.avi"] if video else [])
+    monkeypatch.setitem(sys.modules, blocked, None)  # any import of it now fails
+    code, out, err = run(capsys, *inputs, "--model", tmp_path / "no-such-model.onnx", *argv)
+    assert (code, out, err) == (2, "", f"timm-acsi predict: error: {message}\n")
+
+
+def test_failures_of_the_network_exit_1(photos, monkeypatch, capsys):
+    """Errors go through timm_acsi.cli.ERRORS like every command's: bad input 2, the Hub or the network 1."""
+    from timm_acsi.cli import predict
+
+    def offline(args):
+        raise ConnectionError("Could not reach the Hub for hf-hub:org/model")
+
+    monkeypatch.setattr(predict, "make_recognizer", offline)
+    code, out, err = run(capsys, photos / "astronaut.png", "--model", "hf-hub:org/model", "--detector", "none")
+    assert (code, out, err) == (1, "", "timm-acsi predict: error: Could not reach the Hub for hf-hub:org/model\n")

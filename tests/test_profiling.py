@@ -284,3 +284,74 @@ def test_cli_output_folder_is_refused_before_profiling(tmp_path, monkeypatch, ca
         assert (
             err == f"timm-acsi profile: error: {tmp_path} is a folder: pass a file path (e.g. {tmp_path}/table.md).\n"
         )
+
+
+def test_profile_models_reports_counts_parity_and_latency():
+    """The library computes the whole report (the CLI only formats it): counts, parity verdicts, latency rows."""
+    specs = profiling.resolve_specs(["coresnet18"])
+    report = profiling.profile_models(specs, (1, 3, 32, 32), num_classes=7)
+    assert [s.name for s in report.specs] == ["resnet18", "coresnet18"] and report.latency is None
+    assert report.profiles["coresnet18"].params == report.profiles["resnet18"].params == 11_180_103
+    assert report.parity_passed is True and len(report.layer_parity["coresnet18"]) == 12
+    assert [(mp.name, mp.reference, mp.ok) for mp in report.model_parity] == [("coresnet18", "resnet18", True)]
+    assert report.cross_checked == ["resnet18", "coresnet18"]
+
+    timing = profiling.LatencySettings(("cpu",), warmup=0, rounds=1, iters=1)
+    report = profiling.profile_models(
+        profiling.resolve_specs(["acsinet18"]), (1, 3, 32, 32), parity=False, latency=timing
+    )
+    assert [s.name for s in report.specs] == ["resnet18", "acsinet18"]  # the latency baseline is added
+    assert report.parity_passed is None and report.model_parity == [] and report.layer_parity == {}
+    assert set(report.latency["cpu"]) == {"resnet18", "acsinet18"} and report.latency_settings == timing
+
+
+class _FakeCompile:
+    """Stands in for torch.compile: records what it compiled and, per forward, dynamo's recompile limit."""
+
+    def __init__(self):
+        self.compiled, self.limits = [], []
+
+    def __call__(self, model):
+        from torch._dynamo import config
+
+        self.compiled.append(model)
+
+        def forward(x):
+            self.limits.append(config.recompile_limit)
+            return model(x)
+
+        return forward
+
+
+def test_measure_latency_compiles_in_the_warm_up(monkeypatch):
+    fake = _FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    from torch._dynamo import config
+
+    default_limit = config.recompile_limit
+    models = {"a": _model("resnet18"), "b": _model("coresnet18")}
+    result = profiling.measure_latency(models, (1, 3, 32, 32), warmup=0, rounds=2, iters=1, compile=True)
+    assert fake.compiled == list(models.values())
+    assert len(fake.limits) == 2 * (1 + 2)  # one compiling forward each, then 2 rounds x 1 forward, all compiled
+    assert set(fake.limits) == {1024} and config.recompile_limit == default_limit  # room for every model's graph
+    assert all(lat.compiled and lat.rounds == 2 for lat in result.values())
+    fake.compiled.clear()
+    assert not profiling.measure_latency(models, (1, 3, 32, 32), warmup=0, rounds=1, iters=1)["a"].compiled
+    assert fake.compiled == []
+
+
+def test_cli_compile(monkeypatch, capsys, tmp_path):
+    fake = _FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    argv = ["--models", "resnet18", "--img-size", "32", "--no-parity", "--latency", "--device", "cpu", "--compile"]
+    argv += ["--warmup", "0", "--rounds", "1", "--iters", "1", "--json", str(tmp_path / "t.json")]
+    argv += ["--markdown", str(tmp_path / "t.md")]
+    code, out = _run(argv, capsys)
+    assert code == 0 and len(fake.compiled) == 1
+    assert "threads, torch.compile), 1 rounds x 1 forwards after 0 warm-up and one compiling forward," in out
+    assert json.loads((tmp_path / "t.json").read_text())["models"][0]["latency"]["cpu"]["compiled"] is True
+    assert "--latency --device cpu --compile`" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit):
+        run_command("profile", ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--compile latency of the torch.compile'd models (inductor; on CPU it needs a C compiler" in help_text

@@ -185,22 +185,34 @@ def test_shipped_fer2013_tag_is_the_default_and_grayscale():
 def test_checkpoint_without_description_needs_architecture_and_labels(trained, tmp_path, x):
     bare = tmp_path / "bare.safetensors"
     save_file(dict(trained[1].state_dict()), str(bare))
-    with pytest.raises(ValueError, match=r"no description giving its architecture and label names: pass architecture="):
+    with pytest.raises(
+        ValueError,
+        match=r"bare\.safetensors does not record its architecture nor the order of its outputs \(no architecture "
+        r"and no label_names in its description\): pass the model name \(--arch, e\.g\. acsinet18; .*\) and "
+        r"label_names, one per output",
+    ):
         load_model(str(bare))
+    with pytest.raises(ValueError, match=r"does not record the order of its 7 outputs \(no label_names"):
+        load_model(str(bare), architecture="acsinet18")  # the count comes from the file's classifier
     loaded = load_model(str(bare), architecture="acsinet18", label_names=list(RAFDB_ORDER))
     assert loaded.label_names == RAFDB_ORDER and not loaded.grayscale
     assert loaded.data_config["input_size"] == (3, 224, 224) and loaded.data_config["crop_pct"] == 0.875
     assert torch.equal(_logits(loaded.model, x), _logits(trained[1], x))
-    with pytest.raises(ValueError, match=r"does not fit coresnet18: 72 unexpected keys .* look like acsinet18"):
+    with pytest.raises(
+        ValueError, match=r"does not fit coresnet18: 72 unexpected keys .* look like acsinet18.*architecture \(--arch\)"
+    ):
         load_model(str(bare), architecture="coresnet18", label_names=list(RAFDB_ORDER))
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(architecture="coresnet18"), r"architecture='coresnet18' \(the checkpoint says 'acsinet18'\)"),
-        (dict(label_names=list(FER7_LABELS)), r"label_names=.*the checkpoint says"),
-        (dict(grayscale=False), r"grayscale=False \(the checkpoint says True\)"),
+        (
+            dict(architecture="coresnet18"),
+            r"says architecture acsinet18, not coresnet18: drop the model name \(--arch\)",
+        ),
+        (dict(label_names=list(FER7_LABELS)), r"says its outputs are \['surprise', .*\], not \['anger', .*\]: drop"),
+        (dict(grayscale=False), r"says grayscale=True, not False: drop grayscale \(--grayscale\)"),
     ],
 )
 def test_arguments_contradicting_the_description_are_refused(trained, kwargs, match):
@@ -239,8 +251,9 @@ def test_corrupt_checkpoint(tmp_path):
 
 
 def test_bad_crop_in_description_is_refused():
-    with pytest.raises(ValueError, match=r"crop_pct 'wide' is not a number in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"crop_pct 'wide' is not a positive number"):
         resolve_description(_meta(crop_pct="wide"), "ckpt")
+    assert resolve_description(_meta(crop_pct=224 / 200), "ckpt").crop_pct == 1.12  # train's resize < img-size
     assert resolve_description(_meta(crop_pct=None), "ckpt").crop_pct == 0.875  # null: the paper's 224/256
 
 
@@ -258,3 +271,13 @@ def test_description_builds_timm_pretrained_cfg():
     )
     model = timm.create_model("acsinet18", pretrained_cfg=desc.pretrained_cfg())
     assert model.pretrained_cfg["label_names"] == RAFDB_ORDER and "grayscale" not in model.pretrained_cfg
+    assert desc.pretrained_cfg()["pool_size"] == (2, 2)  # 48 px gives a 2x2 final map (48 / 32 rounded up)
+    other = resolve_description(_meta(architecture="test_efficientnet"), "ckpt").pretrained_cfg()
+    assert (other["first_conv"], other["classifier"]) == ("conv_stem", "classifier")  # the architecture's own
+
+
+def test_class_count_of_the_label_names_is_the_description_s():
+    """A description without num_classes has as many classes as label names: another count contradicts it."""
+    with pytest.raises(ValueError, match=r"^ckpt says it has 7 classes, not 8: drop num_classes \(--num-classes\)\.$"):
+        resolve_description(_meta(num_classes=None), "ckpt", num_classes=8)
+    assert resolve_description(_meta(num_classes=None), "ckpt").num_classes == 7

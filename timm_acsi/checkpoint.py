@@ -222,12 +222,17 @@ def load_weights(
 ) -> None:
     """Load ``state_dict`` into ``model``, strictly but for keys under the ``allow_missing`` prefixes (and
     BatchNorm step counters). A mismatch raises a short ValueError saying what the file's keys look like
-    (:func:`describe_state_dict`) instead of torch's key dump; ``hint`` (what to do) ends the message."""
+    (:func:`describe_state_dict`) instead of torch's key dump, a classifier of another size first and alone (it
+    explains its keys' shapes); ``hint`` (what to do) ends the message."""
     own = model.state_dict()
     missing, unexpected, mismatched = compare_state_dicts(own, state_dict)
     missing = [k for k in missing if not k.startswith(allow_missing) and not k.endswith("num_batches_tracked")]
+    head = _classifier_mismatch(model, own, state_dict)
+    if head is not None:
+        mismatched = [k for k in mismatched if not k.startswith(head[0])]  # explained by the head's size
     shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
-    problems = [
+    problems = [head[1]] if head is not None else []
+    problems += [
         f"{len(keys)} {what} ({_shorten(keys)})"
         for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
         if keys
@@ -237,3 +242,19 @@ def load_weights(
         message = f"{source} does not fit {architecture}: {'; '.join(problems)}. Its keys look like {looks_like}."
         raise ValueError(message + (f" {hint}" if hint else ""))
     model.load_state_dict(state_dict, strict=False)  # strict in effect: every mismatch was checked above
+
+
+def _classifier_mismatch(
+    model: torch.nn.Module, own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+) -> Optional[Tuple[str, str]]:
+    """``(key prefix, explanation)`` when the file's classifier (timm's pretrained cfg names it) has another
+    number of outputs than the model's: the usual cause is a wrong class count, not a wrong architecture."""
+    prefix = ((getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "fc") + "."
+    theirs, mine = state_dict.get(prefix + "weight"), own.get(prefix + "weight")
+    if theirs is None or mine is None or theirs.ndim != 2 or mine.ndim != 2 or theirs.shape[0] == mine.shape[0]:
+        return None
+    n, m = theirs.shape[0], mine.shape[0]
+    return prefix, (
+        f"its classifier has {n} outputs but num_classes is {m} (pass --num-classes {n} with {n} label names, or "
+        f"the checkpoint of the {m}-class model)"
+    )

@@ -16,11 +16,11 @@ import statistics
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from math import prod
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ __all__ = [
     "LayerParity",
     "ModelParity",
     "Latency",
+    "LatencySettings",
+    "ProfileReport",
+    "LATENCY_BASELINE",
     "profile_model",
     "reference_conv",
     "parity_report",
@@ -50,6 +53,7 @@ __all__ = [
     "resolve_specs",
     "build_model",
     "measure_latency",
+    "profile_models",
 ]
 
 COUNTING_CONVENTION = (
@@ -241,6 +245,56 @@ class Latency:
     min_ms: float
     rounds: int
     iters: int
+    compiled: bool = False  # timed as torch.compile made it
+
+
+#: The model every latency is compared with, measured in the same run (timm's resnet18).
+LATENCY_BASELINE = "resnet18"
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How :func:`profile_models` times the models on each device (see :func:`measure_latency`)."""
+
+    devices: Tuple[str, ...]
+    channels_last: bool = False
+    warmup: int = 3
+    rounds: int = 7
+    iters: int = 5
+    compile: bool = False
+
+
+@dataclass
+class ProfileReport:
+    """Everything one profiling run found: counts per model, parity checks and latencies, in table order."""
+
+    specs: List[ProfileSpec]
+    input_size: Tuple[int, ...]
+    num_classes: int
+    count_elementwise: bool
+    profiles: Dict[str, ModelProfile]
+    parity_checked: bool
+    model_parity: List[ModelParity] = field(default_factory=list)
+    latency: Optional[Dict[str, Dict[str, Latency]]] = None  # device -> model name -> latency
+    latency_settings: Optional[LatencySettings] = None
+
+    @property
+    def layer_parity(self) -> Dict[str, List[LayerParity]]:
+        """The CoConv2d parity of each model that has CoConv2d layers."""
+        return {n: p.layer_parity for n, p in self.profiles.items() if p.layer_parity}
+
+    @property
+    def parity_passed(self) -> Optional[bool]:
+        """Whether every CoConv2d layer and every CoResNet equals its twin (``None`` when not checked)."""
+        if not self.parity_checked:
+            return None
+        layers = all(lp.ok for ls in self.layer_parity.values() for lp in ls)
+        return layers and all(mp.ok for mp in self.model_parity)
+
+    @property
+    def cross_checked(self) -> List[str]:
+        """The models fvcore counted, whose FLOPs FlopCounterMode checked."""
+        return [n for n, p in self.profiles.items() if p.counter == "fvcore"]
 
 
 def _import_fvcore():
@@ -637,6 +691,11 @@ def build_model(spec: ProfileSpec, num_classes: int = 1000) -> nn.Module:
     return timm.create_model(spec.architecture, pretrained=False, num_classes=num_classes, **spec.model_args)
 
 
+#: Compiled graphs dynamo may keep per code object while compiled models are timed: every model (on every
+#: device) is one more graph of the same ``ResNet.forward``, past dynamo's default of 8 (then it runs eager).
+_COMPILED_GRAPHS_LIMIT = 1024
+
+
 def measure_latency(
     models: Dict[str, nn.Module],
     input_size: Sequence[int] = (1, 3, 224, 224),
@@ -645,17 +704,22 @@ def measure_latency(
     warmup: int = 3,
     rounds: int = 7,
     iters: int = 5,
+    compile: bool = False,
 ) -> Dict[str, Latency]:
     """Forward latency of each model, interleaved so that every model sees the same machine load.
 
     Each round times ``iters`` forwards of every model in turn (the starting model rotates between rounds);
     the result per model is the median over rounds. Models are moved to ``device`` and put in eval mode.
+    With ``compile`` each model is timed as ``torch.compile`` makes it (inductor: needs a C compiler on CPU);
+    one more warm-up forward per model, the first, compiles it: compilation is never timed.
     """
     device_ = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(tuple(input_size), device=device_).contiguous(memory_format=memory_format)
     for m in models.values():
         m.to(device_, memory_format=memory_format).eval()
+    runners = {n: torch.compile(m) if compile else m for n, m in models.items()}
+    warmup += int(compile)  # the first forward of a compiled model compiles it
 
     def sync() -> None:
         if device_.type == "cuda":
@@ -663,17 +727,57 @@ def measure_latency(
 
     names = list(models)
     times: Dict[str, List[float]] = {n: [] for n in names}
-    with torch.inference_mode():
+    with torch.inference_mode(), _compiled_graphs_limit(compile):
         for name in names:
             for _ in range(warmup):
-                models[name](x)
+                runners[name](x)
         sync()
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 sync()
                 start = time.perf_counter()
                 for _ in range(iters):
-                    models[name](x)
+                    runners[name](x)
                 sync()
                 times[name].append((time.perf_counter() - start) * 1e3 / iters)
-    return {n: Latency(statistics.median(t), min(t), rounds, iters) for n, t in times.items()}
+    return {n: Latency(statistics.median(t), min(t), rounds, iters, compile) for n, t in times.items()}
+
+
+def _compiled_graphs_limit(compile: bool) -> ContextManager[Any]:
+    """Room for one compiled graph per model while compiled models are timed (nothing without ``compile``)."""
+    if not compile:
+        return nullcontext()
+    from torch._dynamo import config
+
+    limit = _COMPILED_GRAPHS_LIMIT
+    return config.patch(recompile_limit=limit, accumulated_recompile_limit=limit)
+
+
+def profile_models(
+    specs: Sequence[ProfileSpec],
+    input_size: Sequence[int] = PAPER_INPUT_SIZE,
+    num_classes: int = PAPER_NUM_CLASSES,
+    count_elementwise: bool = False,
+    parity: bool = True,
+    latency: Optional[LatencySettings] = None,
+) -> ProfileReport:
+    """Build and profile every model of ``specs`` (randomly initialised, no download), check the parity of each
+    CoConv2d layer and of each model with a plain twin (``parity``), and time them all (``latency``: timm's
+    resnet18 is added as the baseline, CPU is timed first)."""
+    specs = list(specs)
+    if latency is not None and LATENCY_BASELINE not in {s.name for s in specs}:
+        specs.insert(0, PROFILE_SPECS[LATENCY_BASELINE])
+    models = {s.name: build_model(s, num_classes) for s in specs}
+    profiles = {n: profile_model(m, input_size, count_elementwise, parity=parity) for n, m in models.items()}
+    model_parity = [
+        compare_profiles(s.name, profiles[s.name], s.reference, profiles[s.reference])
+        for s in specs
+        if parity and s.reference
+    ]
+    report = ProfileReport(specs, tuple(input_size), num_classes, count_elementwise, profiles, parity, model_parity)
+    if latency is not None:
+        devices = sorted(latency.devices, key=lambda d: torch.device(d).type != "cpu")  # models move to each in turn
+        times = dict(warmup=latency.warmup, rounds=latency.rounds, iters=latency.iters, compile=latency.compile)
+        report.latency = {d: measure_latency(models, input_size, d, latency.channels_last, **times) for d in devices}
+        report.latency_settings = latency
+    return report

@@ -1,13 +1,14 @@
 """Model sources: one resolver from a name, tag, Hub repo, folder or checkpoint to a ready expression model.
 
-The predictor, the ONNX export and (by design) evaluate and publish build their model here, so every
-command reads checkpoint descriptions and loads weights by the same rules. Stable API::
+The predictor, the ONNX export, evaluate and publish build their model here, so every command reads
+checkpoint descriptions and loads weights by the same rules. Stable API::
 
     load_model(source, device="cpu", *, architecture=None, label_names=None, model_args=None,
                grayscale=None, **model_kwargs) -> LoadedModel
     resolve_description(meta, source, *, architecture=None, label_names=None, model_args=None,
-                        num_classes=None, grayscale=None) -> ModelDescription
-    build_model(description, state_dict=None, source="", **model_kwargs) -> nn.Module
+                        num_classes=None, grayscale=None, dataset=None, state_dict=None,
+                        arch_flag="--model") -> ModelDescription
+    build_model(description, state_dict=None, source="", *, arch_flag="--model", **model_kwargs) -> nn.Module
 
 Sources accepted by :func:`load_model`:
 
@@ -34,6 +35,7 @@ returned model always has ``model.grayscale`` set, and :attr:`LoadedModel.graysc
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,9 @@ __all__ = [
     "resolve_description",
     "build_model",
     "file_sha256",
+    "is_own_model",
+    "own_models",
+    "classifier_outputs",
     "DEFAULT_CROP_PCT",
 ]
 
@@ -74,7 +79,6 @@ RUN_CHECKPOINT = "best.safetensors"
 HUB_CONFIG = "config.json"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-DESCRIPTION_KWARGS = "architecture= and label_names= (command line: --arch and --label-names)"
 
 
 @dataclass
@@ -109,19 +113,20 @@ class ModelDescription:
 
     def pretrained_cfg(self) -> Dict[str, Any]:
         """A timm pretrained config (no weights source) that gives this model's preprocessing and labels."""
+        default = resolve_pretrained_cfg(self.architecture)
         return dict(
             architecture=self.architecture,
             num_classes=self.num_classes,
             label_names=self.label_names,
             input_size=self.input_size,
-            pool_size=(max(1, self.input_size[1] // 32), max(1, self.input_size[2] // 32)),
+            pool_size=(math.ceil(self.input_size[1] / 32), math.ceil(self.input_size[2] / 32)),  # 48 -> 2x2
             crop_pct=self.crop_pct,
             crop_mode="center",
             interpolation=self.interpolation,
             mean=self.mean,
             std=self.std,
-            first_conv="conv1",
-            classifier="fc",
+            first_conv=default.first_conv or "conv1",
+            classifier=default.classifier or "fc",
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -130,15 +135,42 @@ class ModelDescription:
 
 # ------------------------------------------------------------------------------------------ descriptions
 
+#: What the checkpoint says against what an argument says, and how to drop the argument (``flag``: the
+#: architecture's option, ``--model`` or ``--arch``).
+_CONTRADICTIONS = {
+    "architecture": "says architecture {known}, not {given}: drop the model name ({flag})",
+    "model_args": "says model_args {known}, not {given}: drop --model-args",
+    "num_classes": "says it has {known} classes, not {given}: drop num_classes (--num-classes)",
+    "label_names": "says its outputs are {known}, not {given}: drop label_names (--label-names)",
+    "grayscale": "says grayscale={known}, not {given}: drop grayscale (--grayscale)",
+    "dataset": "says dataset {known}, not {given}: drop --dataset",
+}
+_LABEL_NAMES_FIX = (
+    "label_names, one per output in the order of the model's outputs (e.g. --label-names "
+    "anger,disgust,fear,happiness,sadness,surprise,neutral; RAF-DB's own order starts with surprise)"
+)
 
-def _conflicts(meta: Mapping[str, Any], given: Mapping[str, Any]) -> None:
-    """Refuse arguments that contradict what the checkpoint says about itself."""
-    found = [f"{k}={v!r} (the checkpoint says {meta[k]!r})" for k, v in given.items() if _differs(v, meta.get(k))]
+
+def _known(meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a description says about each argument of :func:`resolve_description` (``None``: nothing)."""
+    names = meta.get("label_names")
+    return dict(
+        architecture=meta.get("architecture"),
+        model_args=meta.get("model_args"),
+        num_classes=meta.get("num_classes") or (len(names) if names else None),
+        label_names=list(check_label_names(names, len(names))) if names else None,
+        grayscale=meta.get("grayscale"),
+        dataset=meta.get("dataset"),
+    )
+
+
+def _refuse_contradictions(known: Mapping[str, Any], given: Mapping[str, Any], source: str, flag: str) -> None:
+    """Refuse arguments that contradict what the checkpoint says about itself (it was written with the weights)."""
+    found = [
+        _CONTRADICTIONS[k].format(known=known[k], given=v, flag=flag) for k, v in given.items() if _differs(v, known[k])
+    ]
     if found:
-        raise ValueError(
-            "Arguments contradict the checkpoint's own description: " + "; ".join(found) + ". The description was "
-            "written with the weights: drop the contradicting arguments."
-        )
+        raise ValueError(f"{source} " + "; it ".join(found) + ".")
 
 
 def _differs(given: Any, known: Any) -> bool:
@@ -149,13 +181,30 @@ def _differs(given: Any, known: Any) -> bool:
     return given != known
 
 
+def _missing(source: str, missing: Sequence[str], outputs: Optional[int], flag: str) -> str:
+    """The message for a description without ``missing`` (``architecture``, ``label_names``): what to pass."""
+    what = dict(
+        architecture="its architecture",
+        label_names=f"the order of its {outputs} outputs" if outputs else "the order of its outputs",
+    )
+    fixes = dict(
+        architecture=f"the model name ({flag}, e.g. acsinet18; and --model-args for a variant such as "
+        "attn_placement=stage)",
+        label_names=_LABEL_NAMES_FIX,
+    )
+    return (
+        f"{source} does not record {' nor '.join(what[k] for k in missing)} (no {' and no '.join(missing)} in its "
+        f"description): pass {' and '.join(fixes[k] for k in missing)}."
+    )
+
+
 def _crop_pct(value: Any, source: str) -> float:
     if value is None:
         return DEFAULT_CROP_PCT
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(
-            f"{source}: crop_pct {value!r} is not a number in (0, 1] (eval crop size / resize size, e.g. 0.875 "
-            "for 224/256): fix its description."
+            f"{source}: crop_pct {value!r} is not a positive number (eval crop size / resize size, e.g. 0.875 for "
+            "224/256): fix its description."
         )
     return float(value)
 
@@ -169,6 +218,13 @@ def _input_size(value: Any, source: str) -> Tuple[int, int, int]:
     return size
 
 
+def classifier_outputs(architecture: str, state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
+    """The number of outputs of the architecture's classifier (timm's pretrained cfg names it) in a state dict."""
+    classifier = resolve_pretrained_cfg(architecture).classifier or "fc"
+    weight = state_dict.get(f"{classifier}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+
+
 def resolve_description(
     meta: Optional[Mapping[str, Any]],
     source: str,
@@ -178,6 +234,9 @@ def resolve_description(
     model_args: Optional[Mapping[str, Any]] = None,
     num_classes: Optional[int] = None,
     grayscale: Optional[bool] = None,
+    dataset: Optional[str] = None,
+    state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+    arch_flag: str = "--model",
 ) -> ModelDescription:
     """Merge a checkpoint description with explicit arguments; an argument that contradicts it raises.
 
@@ -185,42 +244,52 @@ def resolve_description(
     Architecture and label names are required from one or the other; ``num_classes`` defaults to the number
     of label names. A tag on the architecture (``acsinet18.rafdb``) is dropped. Label names are canonicalised
     (``happy`` -> ``happiness``), never reordered. Missing input size / crop take the paper's 224 / 256.
+    ``state_dict`` (the checkpoint's weights) lets a message say how many outputs need label names;
+    ``arch_flag`` is the command's option for the architecture (``--model``; the predictor's is ``--arch``).
     """
     meta = dict(meta or {})
+    known = _known(meta)
     base = split_model_name_tag(architecture)[0] if architecture else None
-    given = dict(architecture=base, model_args=model_args, num_classes=num_classes, grayscale=grayscale)
-    if label_names is not None and meta.get("label_names"):
-        given["label_names"] = list(check_label_names(label_names, len(label_names)))
-        meta["label_names"] = list(check_label_names(meta["label_names"], len(meta["label_names"])))
-    _conflicts(meta, given)
-    arch = meta.get("architecture") or base
+    given = dict(
+        architecture=base,
+        model_args=dict(model_args) if model_args is not None else None,
+        num_classes=num_classes,
+        label_names=list(check_label_names(label_names, len(label_names))) if label_names else None,
+        grayscale=grayscale,
+        dataset=dataset,
+    )
+    _refuse_contradictions(known, given, source, arch_flag)
+    arch = known["architecture"] or base
     names = meta.get("label_names") or label_names
-    if not arch or not names:
-        missing = " and ".join(w for w, v in (("architecture", arch), ("label names", names)) if not v)
-        raise ValueError(
-            f"{source} has no description giving its {missing}: pass {DESCRIPTION_KWARGS}, one label name per "
-            "output in the order of the model's outputs (e.g. anger,disgust,fear,happiness,sadness,surprise,"
-            "neutral), plus model_args for a variant (--model-args attn_placement=stage)."
-        )
+    missing = [k for k, v in (("architecture", arch), ("label_names", names)) if not v]
+    if missing:
+        outputs = known["num_classes"] or num_classes
+        if arch and not outputs and state_dict is not None and timm.is_model(arch):
+            outputs = classifier_outputs(arch, state_dict)
+        raise ValueError(_missing(source, missing, outputs, arch_flag))
     if not timm.is_model(arch):
-        raise ValueError(f"{source}: unknown architecture {arch!r}; timm-acsi's are {', '.join(_own_models())}.")
-    n = meta.get("num_classes") or num_classes or len(names)
+        raise ValueError(
+            f"{source}: unknown architecture {arch!r}: pass a timm model name ({arch_flag}); timm-acsi's are "
+            f"{', '.join(own_models())}."
+        )
+    n = int(known["num_classes"] or num_classes or len(names))
     return ModelDescription(
         architecture=arch,
-        num_classes=int(n),
-        label_names=check_label_names(names, int(n)),
+        num_classes=n,
+        label_names=check_label_names(names, n),
         model_args=dict(meta.get("model_args") or model_args or {}),
         input_size=_input_size(meta.get("input_size"), source),
         crop_pct=_crop_pct(meta.get("crop_pct"), source),
-        grayscale=bool(meta.get("grayscale") if meta.get("grayscale") is not None else grayscale),
+        grayscale=bool(known["grayscale"] if known["grayscale"] is not None else grayscale),
         interpolation=meta.get("interpolation") or TRAIN_PREPROCESSING["interpolation"],
         mean=tuple(meta.get("mean") or TRAIN_PREPROCESSING["mean"]),
         std=tuple(meta.get("std") or TRAIN_PREPROCESSING["std"]),
-        dataset=meta.get("dataset"),
+        dataset=known["dataset"] or dataset,
     )
 
 
-def _own_models() -> Sequence[str]:
+def own_models() -> Sequence[str]:
+    """timm-acsi's registered architectures (coresnet*, acsinet*)."""
     return timm.list_models(module="coresnet")
 
 
@@ -233,28 +302,37 @@ def build_model(
     description: ModelDescription,
     state_dict: Optional[Mapping[str, torch.Tensor]] = None,
     source: str = "",
+    *,
+    arch_flag: str = "--model",
     **model_kwargs: Any,
 ) -> nn.Module:
-    """The timm model of ``description`` (its pretrained cfg set), with ``state_dict`` loaded strictly, in eval mode."""
-    kwargs = {**description.model_args, **model_kwargs}
-    if description.grayscale and _is_own_model(description.architecture):
+    """The timm model of ``description`` (its pretrained cfg set), with ``state_dict`` loaded strictly, in eval mode.
+
+    ``arch_flag`` is the command's option for the architecture, named by the message of weights that do not fit.
+    """
+    arch, model_args = description.architecture, description.model_args
+    kwargs = {**model_args, **model_kwargs}
+    if description.grayscale and is_own_model(arch):
         kwargs["grayscale"] = True  # CoResNet records it (model.grayscale, and config.json via save_for_hf)
     try:
         model = timm.create_model(
-            description.architecture,
-            num_classes=description.num_classes,
-            pretrained_cfg=description.pretrained_cfg(),
-            **kwargs,
+            arch, num_classes=description.num_classes, pretrained_cfg=description.pretrained_cfg(), **kwargs
         )
     except TypeError as e:
-        raise ValueError(f"model_args {kwargs} do not fit {description.architecture} ({e}): fix model_args.") from e
+        raise ValueError(
+            f"{arch} does not accept model_args {json.dumps(model_args)} ({e}): pass only its create_model arguments "
+            "in --model-args."
+        ) from e
     model.grayscale = description.grayscale
     if state_dict is not None:
-        load_weights(model, state_dict, source or "The state dict", description.architecture, hint=_FIT_HINT)
+        target = arch + (f" with model_args {json.dumps(model_args)}" if model_args else "")
+        hint = f"Pass the architecture ({arch_flag}) and model_args (--model-args) it was trained as."
+        load_weights(model, state_dict, source or "The state dict", target, hint=hint)
     return model.eval()
 
 
-def _is_own_model(architecture: str) -> bool:
+def is_own_model(architecture: str) -> bool:
+    """Whether ``architecture`` is one of timm-acsi's (registered by :mod:`timm_acsi.models`)."""
     return timm.is_model(architecture) and model_entrypoint(architecture).__module__.startswith("timm_acsi.")
 
 
@@ -321,8 +399,8 @@ def _load_path(path: Path, overrides: Dict[str, Any], **model_kwargs: Any) -> Lo
     if not path.exists():
         raise FileNotFoundError(f"No such checkpoint or folder: {path}.")
     state_dict, meta = load_checkpoint(path)
-    desc = resolve_description(meta, str(path), **overrides)
-    model = build_model(desc, state_dict, str(path), **model_kwargs)
+    desc = resolve_description(meta, str(path), **overrides, state_dict=state_dict, arch_flag="--arch")
+    model = build_model(desc, state_dict, str(path), arch_flag="--arch", **model_kwargs)
     return _loaded(
         model, desc.architecture, desc.label_names, desc.grayscale, str(path), path, {**(meta or {}), **desc.to_dict()}
     )
@@ -372,7 +450,7 @@ def _load_tag(source: str, **model_kwargs: Any) -> LoadedModel:
     if not timm.is_model(name):
         raise ValueError(
             f"{source!r} is neither a file or folder nor a timm model name: pass a checkpoint, a run folder, "
-            f"hf-hub:ORG/NAME, local-dir:PATH or a model tag with weights (timm-acsi: {', '.join(_own_models())})."
+            f"hf-hub:ORG/NAME, local-dir:PATH or a model tag with weights (timm-acsi: {', '.join(own_models())})."
         )
     try:
         cfg = resolve_pretrained_cfg(name, tag or None, model_kwargs.get("pretrained_cfg_overlay"))

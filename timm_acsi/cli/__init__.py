@@ -7,6 +7,7 @@ huggingface_hub's CLI does. Exceptions not listed there are bugs and keep their 
 
 import importlib
 import sys
+from types import ModuleType
 from typing import Optional, Sequence, Tuple, Union
 
 #: subcommand -> (module under timm_acsi.cli, one-line help)
@@ -18,13 +19,34 @@ COMMANDS = {
     "predict": ("predict", "recognise the expressions of the faces in photos, folders and videos"),
     "export": ("export", "export a model to ONNX (labels, preprocessing) with a parity check against PyTorch"),
     "embed": ("embed", "t-SNE maps and silhouettes of pooled features per model (the paper's Fig. 4)"),
+    "demo": ("demo", "browser demo: upload a photo or webcam snapshot, see each face's expression and attention map"),
 }
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of a command is not installed; the message names the extra that installs it."""
+
+    def __init__(self, module: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f'{purpose} needs {module}, which is not installed: pip install "timm-acsi[{extra}]"', name=module
+        )
+
+
+def import_extra(module: str, extra: str, purpose: str) -> ModuleType:
+    """``module``, or :class:`MissingExtraError` naming ``pip install "timm-acsi[EXTRA]"`` when it cannot be imported
+    (commands check their optional dependencies before any work, so the fix comes first and alone)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(module, extra, purpose) from e
+
 
 ExceptionSpec = Union[type, str]
 #: What the commands raise -> exit code, first match wins: 2 for bad input (the message says what to change),
-#: 1 for failures of the Hub, the network or the disk. A class named by its dotted path can only have been
-#: raised if its module was imported; it is looked up only then (a command without torch never imports it).
+#: 1 for failures of the tool, the Hub, the network or the disk. A class named by its dotted path can only have
+#: been raised if its module was imported; it is looked up only then (a command without torch never imports it).
 ERRORS: Tuple[Tuple[Tuple[ExceptionSpec, ...], int], ...] = (
+    (("timm_acsi.export.export.ParityError",), 1),  # a ValueError, but the export is wrong, not the input
     (
         (
             ValueError,
@@ -33,6 +55,7 @@ ERRORS: Tuple[Tuple[Tuple[ExceptionSpec, ...], int], ...] = (
             PermissionError,
             IsADirectoryError,
             NotADirectoryError,
+            MissingExtraError,
             "timm_acsi.train.distributed.RunError",
             "timm_acsi.data.datasets.UnreadableImageError",
         ),
@@ -66,9 +89,10 @@ def exit_code(error: BaseException) -> Optional[int]:
     return next((code for specs, code in ERRORS if isinstance(error, _loaded(specs))), None)
 
 
-def run_command(name: str, argv: Sequence[str]) -> int:
-    """Run subcommand ``name``; an error it raises is printed as one line and becomes its exit code."""
-    prog = f"timm-acsi {name}"
+def run_command(name: str, argv: Sequence[str], prog: Optional[str] = None) -> int:
+    """Run subcommand ``name``; an error it raises is printed as one line ``PROG: error: ...`` and becomes its exit
+    code. ``prog`` (default ``timm-acsi NAME``) names a script that runs the command, e.g. a benchmark."""
+    prog = prog or f"timm-acsi {name}"
     module = importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
     try:
         return module.main(list(argv), prog=prog)

@@ -5,7 +5,8 @@ import os
 import sys
 from typing import Sequence
 
-from ._args import MODEL_ARGS_HELP, key_value
+from . import import_extra
+from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names
 
 EXAMPLES = """examples:
   timm-acsi export --model runs/acsinet18-fer2013 --output acsinet18.onnx
@@ -40,7 +41,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="max abs difference of logits and softmax (default 1e-4; fp16 5e-2)")
     p.add_argument("--parity-images", nargs="+", metavar="FILE", help="face crops for the check (default: astronaut)")
     p.add_argument("--arch", help="architecture of a checkpoint without description, e.g. acsinet18")
-    p.add_argument("--label-names", help="comma-separated class names in output order (checkpoint without description)")
+    p.add_argument("--label-names", type=label_names, metavar="NAME,NAME,...", help=f"{LABEL_NAMES_HELP}; see --arch")
     p.add_argument("--model-args", nargs="+", type=key_value, metavar="KEY=VALUE", help=MODEL_ARGS_HELP)
     p.add_argument("--grayscale", action="store_true", help="the model was trained on grayscale faces (no description)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -73,48 +74,55 @@ def _print_result(result, args: argparse.Namespace) -> None:
     print(f"  {report.summary()}")
 
 
+def _import_export_extra(args: argparse.Namespace) -> None:
+    """Check the ``[onnx]`` extra's packages this export needs before anything else."""
+    import_extra("onnx", "onnx", "ONNX export")
+    import_extra("onnxruntime", "onnx", "The parity check")
+    if not args.parity_images:
+        import_extra("skimage", "onnx", "The parity check without --parity-images")
+
+
 def main(argv: Sequence[str], prog: str = "timm-acsi export") -> int:
     args = _parser(prog).parse_args(argv)
-    try:
-        from PIL import Image
+    _import_export_extra(args)
+    from PIL import Image
 
-        from ..export.export import ParityError, check_output, export_onnx
-        from ..inference import load_image
-        from ..sources import load_model
-    except ModuleNotFoundError as e:
-        print(f'{prog}: error: {e.name} is not installed: pip install "timm-acsi[onnx]"', file=sys.stderr)
-        return 1
+    from ..export.export import check_output, export_onnx
+    from ..inference import load_image
+    from ..sources import load_model
+
     check_output(args.output, args.overwrite)  # before the model loads (a download, perhaps)
     images = {p: Image.fromarray(load_image(p)) for p in args.parity_images} if args.parity_images else None
-    label_names = [n.strip() for n in args.label_names.split(",") if n.strip()] if args.label_names else None
     loaded = load_model(
         args.model,
         architecture=args.arch,
-        label_names=label_names,
+        label_names=args.label_names,
         model_args=dict(args.model_args) if args.model_args is not None else None,
         grayscale=True if args.grayscale else None,
     )
-    try:
-        result = export_onnx(
-            loaded.model,
-            args.output,
-            label_names=loaded.label_names,
-            architecture=loaded.architecture,
-            data_config=loaded.data_config,
-            grayscale=loaded.grayscale,
-            source=loaded.source,
-            weights_sha256=loaded.weights_sha256,
-            dynamic_size=args.dynamic_size,
-            batch_size=args.batch_size,
-            opset=args.opset,
-            fp16=args.fp16,
-            exporter=args.exporter,
-            tolerance=args.tolerance,
-            images=images,
-            overwrite=args.overwrite,
-        )
-    except (ParityError, ModuleNotFoundError) as e:  # a wrong export or a missing package: exit 1, not bad input
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+    result = export_onnx(
+        loaded.model,
+        args.output,
+        label_names=loaded.label_names,
+        architecture=loaded.architecture,
+        data_config=loaded.data_config,
+        grayscale=loaded.grayscale,
+        source=loaded.source,
+        weights_sha256=loaded.weights_sha256,
+        dynamic_size=args.dynamic_size,
+        batch_size=args.batch_size,
+        opset=args.opset,
+        fp16=args.fp16,
+        exporter=args.exporter,
+        tolerance=args.tolerance,
+        images=images,
+        overwrite=args.overwrite,
+    )  # a failed parity check raises ParityError: exit 1 (timm_acsi.cli.ERRORS)
     _print_result(result, args)
     return 0
+
+
+if __name__ == "__main__":
+    from . import run_command
+
+    sys.exit(run_command("export", sys.argv[1:]))

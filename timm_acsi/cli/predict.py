@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -31,10 +31,10 @@ from ..inference import (
     read_frames,
 )
 from ..inference.video import open_video
-from ._args import MODEL_ARGS_HELP, key_value, positive_int
+from . import import_extra
+from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names, positive_int
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-ORT_EXTRA = 'pip install "timm-acsi[onnx]"'
 #: images whose faces share one network batch
 IMAGES_PER_STEP = 16
 
@@ -65,10 +65,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="faces per network batch (default: 32)")
     parser.add_argument("--arch", help="architecture, for checkpoints without a description (e.g. acsinet18)")
     parser.add_argument(
-        "--label-names",
-        type=lambda text: [n.strip() for n in text.split(",")],
-        metavar="NAME,NAME,...",
-        help="class names in the order of the model's outputs, for checkpoints without a description",
+        "--label-names", type=label_names, metavar="NAME,NAME,...", help=f"{LABEL_NAMES_HELP}; see --arch"
     )
     parser.add_argument(
         "--model-args", nargs="+", type=key_value, metavar="KEY=VALUE", help=f"{MODEL_ARGS_HELP}; see --arch"
@@ -331,54 +328,65 @@ def make_recognizer(args: argparse.Namespace) -> ExpressionRecognizer:
             load["model_args"] = dict(args.model_args)
         load = {k: v for k, v in load.items() if v is not None}
         return ExpressionRecognizer(args.model, device=args.device, channels_last=args.channels_last, **common, **load)
-    try:
-        from ..export.ort_backend import OnnxBackend
-    except ImportError as e:
-        raise ImportError(f"--backend onnxruntime needs onnxruntime ({e}): {ORT_EXTRA}.") from e
+    from ..export.ort_backend import OnnxBackend
+
     return ExpressionRecognizer(OnnxBackend(args.model), **common)
 
 
-def _check_args(args: argparse.Namespace) -> Optional[str]:
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together."""
     if args.backend == "onnxruntime" and args.cam:
-        return "--cam needs the torch backend (attention maps come from the PyTorch model): drop --cam or the backend."
+        raise ValueError(
+            "--cam needs the torch backend (attention maps come from the PyTorch model): drop --cam or the backend."
+        )
     if args.backend == "onnxruntime" and (args.arch or args.label_names or args.model_args):
-        return "--arch/--label-names/--model-args describe torch checkpoints; an exported .onnx file carries its own."
+        raise ValueError(
+            "--arch/--label-names/--model-args describe torch checkpoints; an exported .onnx file carries its own."
+        )
     if (args.cam_class or args.cam_method != "cam") and not args.cam:
-        return "--cam-class and --cam-method choose the attention maps of --cam DIR: pass --cam DIR too."
+        raise ValueError("--cam-class and --cam-method choose the attention maps of --cam DIR: pass --cam DIR too.")
     if args.margin < 0:
-        return f"--margin must be >= 0, got {args.margin}."
-    return None
+        raise ValueError(f"--margin must be >= 0, got {args.margin}.")
 
 
-def main(argv: Sequence[str], prog: str = "timm-acsi predict") -> int:
-    args = build_parser(prog).parse_args(list(argv))
+def check_extras(args: argparse.Namespace, items: Sequence[Item]) -> None:
+    """The optional packages this run needs (onnxruntime, OpenCV), checked before the model loads."""
+    if args.backend == "onnxruntime":
+        import_extra("onnxruntime", "onnx", "--backend onnxruntime")
+        import_extra("onnx", "onnx", "--backend onnxruntime")
+    if args.detector == "haar":
+        import_extra("cv2", "predict", "Face detection (--detector haar)")
+    if any(item.video for item in items):
+        import_extra("cv2", "predict", "Reading videos")
 
-    def fail(message: str) -> int:
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
 
-    problem = _check_args(args)
-    if problem:
-        return fail(problem)
+def readable_inputs(args: argparse.Namespace) -> Tuple[List[Item], List[Tuple[str, str]]]:
+    """The files to read (inputs that are missing or empty are reported and skipped); none at all, or outputs
+    that exist without ``--overwrite``, raise."""
     items, missing = collect_inputs(args.inputs)
     for text, reason in missing:
         print(f"skipped: {text}: {reason}", file=sys.stderr)
     if not items:
-        return fail("nothing to read: " + "; ".join(f"{t}: {r}" for t, r in missing))
+        raise ValueError("nothing to read: " + "; ".join(f"{t}: {r}" for t, r in missing))
     existing = existing_outputs(args, items)
     if existing and not args.overwrite:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        return fail(
+        raise FileExistsError(
             f"{shown} already exist{'s' * (len(existing) == 1)}: pass --overwrite to replace, or pick another output."
         )
-    try:
-        rec = make_recognizer(args)
-        report = Report([], [(t, r) for t, r in missing])
-        run(rec, items, args, report)
-    except (ValueError, OSError, ImportError) as e:
-        return fail(str(e))
+    return items, missing
+
+
+def main(argv: Sequence[str], prog: str = "timm-acsi predict") -> int:
+    args = build_parser(prog).parse_args(list(argv))
+    check_args(args)
+    items, missing = readable_inputs(args)
+    check_extras(args, items)
+    rec = make_recognizer(args)
+    report = Report([], list(missing))
+    run(rec, items, args, report)
     if not report.results:
-        return fail(f"no input could be read ({summary(report)})")
+        raise ValueError(f"no input could be read ({summary(report)})")
     print(format_table(report, rec.label_names))
     print(summary(report))
     for name, text in (
@@ -392,4 +400,6 @@ def main(argv: Sequence[str], prog: str = "timm-acsi predict") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from . import run_command
+
+    sys.exit(run_command("predict", sys.argv[1:]))

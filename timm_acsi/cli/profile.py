@@ -15,11 +15,10 @@ import torch
 
 from .. import profiling
 from ..checkpoint import atomic_write
-from ..profiling import PAPER_FIGURES, LayerParity, ModelParity, ModelProfile, ProfileSpec
+from ..profiling import LATENCY_BASELINE, PAPER_FIGURES, LatencySettings, LayerParity, ModelParity, ProfileReport
 from ._args import non_negative_int, positive_int
 
 MAX_FAILURES_SHOWN = 5
-LATENCY_BASELINE = "resnet18"  # timm's model every latency is compared with, measured in the same run
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -70,6 +69,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=3, help="latency warm-up forwards per model (default 3)")
     p.add_argument("--rounds", type=positive_int, default=7, help="latency rounds; the median is reported (default 7)")
     p.add_argument("--iters", type=positive_int, default=5, help="forwards per model per round (default 5)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="latency of the torch.compile'd models (inductor; on CPU it needs a C compiler such as gcc); one "
+        "more warm-up forward per model compiles it, untimed",
+    )
     p.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown (README, model cards)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every number as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --markdown/--json files")
@@ -95,16 +100,11 @@ def _diff(ours: float, paper: float) -> str:
     return f"{round(ours, 2) - paper:+.2f}"
 
 
-def _table(
-    specs: List[ProfileSpec],
-    profiles: Dict[str, ModelProfile],
-    latency: Optional[Dict[str, Dict[str, profiling.Latency]]],
-    num_classes: int,
-    markdown: bool,
-) -> str:
+def _table(report: ProfileReport, markdown: bool) -> str:
     """The model table; paper columns only where our setting is the paper's (1000 classes; 1x3x224x224 for FLOPs)."""
-    paper_params = num_classes == profiling.PAPER_NUM_CLASSES
-    paper_flops = next(iter(profiles.values())).input_size == profiling.PAPER_INPUT_SIZE
+    paper_params = report.num_classes == profiling.PAPER_NUM_CLASSES
+    paper_flops = report.input_size == profiling.PAPER_INPUT_SIZE
+    latency = report.latency
     headers = ["model", "params", "M"] + (["paper M", "diff M"] if paper_params else [])
     headers += ["FLOPs", "GFLOPs"] + (["paper G", "diff G"] if paper_flops else []) + ["acts (M)"]
     if latency:
@@ -112,8 +112,8 @@ def _table(
             headers += [f"ms {device}", f"x {LATENCY_BASELINE}"]
         headers += ["paper s", "paper x"]
     rows = []
-    for spec in specs:
-        prof, fig = profiles[spec.name], PAPER_FIGURES.get(spec.paper or "")
+    for spec in report.specs:
+        prof, fig = report.profiles[spec.name], PAPER_FIGURES.get(spec.paper or "")
         row = [f"`{spec.name}`" if markdown else spec.name, f"{prof.params:,}", f"{prof.params_m:.2f}"]
         if paper_params:
             row += [f"{fig.params_m:.2f}", _diff(prof.params_m, fig.params_m)] if fig else ["", ""]
@@ -131,23 +131,24 @@ def _table(
     return _fmt_table(headers, rows, markdown)
 
 
-def _notes(specs: List[ProfileSpec], profiles: Dict[str, ModelProfile]) -> List[str]:
+def _notes(report: ProfileReport) -> List[str]:
     """What the table counted, what the paper columns are, and which ops fvcore left out per model."""
-    elementwise = next(iter(profiles.values())).count_elementwise
-    convention = profiling.COUNTING_CONVENTION_ELEMENTWISE if elementwise else profiling.COUNTING_CONVENTION
+    convention = (
+        profiling.COUNTING_CONVENTION_ELEMENTWISE if report.count_elementwise else profiling.COUNTING_CONVENTION
+    )
     lines = [f"Counting: {convention}. Activations: conv/linear output elements (fvcore ActivationCountAnalysis)."]
-    papers = [f"`{s.name}` = {s.paper} ({PAPER_FIGURES[s.paper].source})" for s in specs if s.paper]
+    papers = [f"`{s.name}` = {s.paper} ({PAPER_FIGURES[s.paper].source})" for s in report.specs if s.paper]
     if papers:
         lines.append(
             "Paper: Li, Zhu, Zhou, Entropy 2022, 24, 882; " + "; ".join(papers) + ". Paper time = seconds per "
             "test image on a GTX 1650. CA-a/CA-b are matched to our placements by parameter count (docs/design.md)."
         )
-    variants = [f"`{s.name}` = {s.architecture}({_kwargs(s.model_args)})" for s in specs if s.model_args]
+    variants = [f"`{s.name}` = {s.architecture}({_kwargs(s.model_args)})" for s in report.specs if s.model_args]
     if variants:
         lines.append("Placements: " + "; ".join(variants) + ".")
     groups: Dict[str, List[str]] = {}  # models with the same uncounted ops share a line
-    for spec in specs:
-        prof = profiles[spec.name]
+    for spec in report.specs:
+        prof = report.profiles[spec.name]
         listed = ", ".join(f"{op} x{n}" for op, n in prof.unsupported_ops.items()) or "none"
         groups.setdefault(f"{listed} (unsupported by {prof.counter})", []).append(f"`{spec.name}`")
     lines += [f"Not counted in {', '.join(names)}: {ops}." for ops, names in groups.items()]
@@ -175,31 +176,23 @@ def _model_parity_line(mp: ModelParity) -> str:
     )
 
 
-def _markdown(
-    args: argparse.Namespace,
-    specs: List[ProfileSpec],
-    profiles: Dict[str, ModelProfile],
-    latency: Optional[Dict[str, Dict[str, profiling.Latency]]],
-    layer_parity: Dict[str, List[LayerParity]],
-    model_parity: List[ModelParity],
-    settings: str,
-) -> str:
-    out = [f"Generated by `timm-acsi profile {' '.join(_argv_repro(args))}`".rstrip() + f" ({settings}).", ""]
-    out += [_table(specs, profiles, latency, args.num_classes, markdown=True), ""]
-    out += [f"- {note}" for note in _notes(specs, profiles)]
-    if layer_parity:
-        counts = ", ".join(f"`{n}` {sum(lp.ok for lp in ls)}/{len(ls)}" for n, ls in layer_parity.items())
+def _markdown(report: ProfileReport, args: argparse.Namespace, settings: str) -> str:
+    out = [f"Generated by `timm-acsi profile {' '.join(_argv_repro(args, report))}`".rstrip() + f" ({settings}).", ""]
+    out += [_table(report, markdown=True), ""]
+    out += [f"- {note}" for note in _notes(report)]
+    if report.layer_parity:
+        counts = ", ".join(f"`{n}` {sum(lp.ok for lp in ls)}/{len(ls)}" for n, ls in report.layer_parity.items())
         out.append(
             "- CoConv2d parity (params, FLOPs and output shape of each CoConv2d vs the nn.Conv2d it replaces, at "
             f"its input size in the model), layers equal: {counts}."
         )
-    if model_parity:
-        pairs = ", ".join(f"`{mp.name}` {'=' if mp.ok else '!='} `{mp.reference}`" for mp in model_parity)
+    if report.model_parity:
+        pairs = ", ".join(f"`{mp.name}` {'=' if mp.ok else '!='} `{mp.reference}`" for mp in report.model_parity)
         out.append(f"- Whole-model parity (params and FLOPs identical): {pairs}.")
     return "\n".join(out) + "\n"
 
 
-def _argv_repro(args: argparse.Namespace) -> List[str]:
+def _argv_repro(args: argparse.Namespace, report: ProfileReport) -> List[str]:
     """The options that change the numbers, to print how the Markdown was generated."""
     argv = ["--models", *args.models]
     if args.img_size != 224:
@@ -210,8 +203,10 @@ def _argv_repro(args: argparse.Namespace) -> List[str]:
         argv += ["--num-classes", str(args.num_classes)]
     if args.count_elementwise:
         argv.append("--count-elementwise")
-    if args.latency:
-        argv += ["--latency", "--device", *args.device] + (["--channels-last"] if args.channels_last else [])
+    timing = report.latency_settings
+    if timing is not None:
+        argv += ["--latency", "--device", *timing.devices]
+        argv += (["--channels-last"] if timing.channels_last else []) + (["--compile"] if timing.compile else [])
     return argv
 
 
@@ -238,34 +233,26 @@ def _versions() -> Dict[str, str]:
     return versions
 
 
-def _json_data(
-    args: argparse.Namespace,
-    specs: List[ProfileSpec],
-    profiles: Dict[str, ModelProfile],
-    latency: Optional[Dict[str, Dict[str, profiling.Latency]]],
-    layer_parity: Dict[str, List[LayerParity]],
-    model_parity: List[ModelParity],
-    versions: Dict[str, str],
-    failed: bool,
-) -> Dict[str, Any]:
+def _json_data(report: ProfileReport, versions: Dict[str, str]) -> Dict[str, Any]:
     """Every number of the run, for the README table and the Hub model cards."""
+    latency, timing = report.latency, report.latency_settings
     return {
         "settings": {
-            "input_size": [args.batch_size, 3, args.img_size, args.img_size],
-            "num_classes": args.num_classes,
-            "count_elementwise": args.count_elementwise,
+            "input_size": list(report.input_size),
+            "num_classes": report.num_classes,
+            "count_elementwise": report.count_elementwise,
             "latency_devices": list(latency) if latency else None,
-            "channels_last": args.channels_last if latency else None,
+            "channels_last": timing.channels_last if timing else None,
         },
-        "convention": _notes(specs, profiles)[0],
+        "convention": _notes(report)[0],
         "versions": versions,
         "models": [
             {
                 "name": s.name,
                 "architecture": s.architecture,
                 "model_args": s.model_args,
-                **{k: v for k, v in asdict(profiles[s.name]).items() if k != "layer_parity"},  # listed below
-                "gflops": profiles[s.name].gflops,
+                **{k: v for k, v in asdict(report.profiles[s.name]).items() if k != "layer_parity"},  # listed below
+                "gflops": report.profiles[s.name].gflops,
                 "paper": asdict(PAPER_FIGURES[s.paper]) if s.paper else None,
                 "latency": {d: asdict(lat[s.name]) for d, lat in latency.items()} if latency else None,
                 "latency_ratio": (
@@ -274,12 +261,82 @@ def _json_data(
                     else None
                 ),
             }
-            for s in specs
+            for s in report.specs
         ],
-        "layer_parity": {n: [{**asdict(lp), "ok": lp.ok} for lp in ls] for n, ls in layer_parity.items()},
-        "model_parity": [{**asdict(mp), "ok": mp.ok} for mp in model_parity],
-        "parity_passed": None if args.no_parity else not failed,
+        "layer_parity": {n: [{**asdict(lp), "ok": lp.ok} for lp in ls] for n, ls in report.layer_parity.items()},
+        "model_parity": [{**asdict(mp), "ok": mp.ok} for mp in report.model_parity],
+        "parity_passed": report.parity_passed,
     }
+
+
+def _latency_settings(args: argparse.Namespace) -> Optional[LatencySettings]:
+    """What ``--latency`` and its options ask for (default devices: cpu, and cuda when a GPU is present)."""
+    if not args.latency:
+        return None
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if any(torch.device(d).type == "cuda" for d in devices) and not torch.cuda.is_available():
+        raise ValueError(f"--device {' '.join(devices)} asks for CUDA, which is not available.")
+    return LatencySettings(tuple(devices), args.channels_last, args.warmup, args.rounds, args.iters, args.compile)
+
+
+def _print_counts(report: ProfileReport) -> None:
+    """The model table, what it counted and whether FlopCounterMode reproduced fvcore."""
+    print()
+    print(_table(report, markdown=False))
+    print()
+    for note in _notes(report):
+        print(note.replace("`", ""))
+    checked = report.cross_checked
+    for n in checked:
+        p = report.profiles[n]
+        if not p.counters_agree:
+            print(f"WARNING: FlopCounterMode counts {p.cross_check_flops:,} FLOPs for {n}, fvcore {p.flops:,}.")
+    if checked and all(report.profiles[n].counters_agree for n in checked):
+        print(
+            "Cross-check: torch.utils.flop_counter.FlopCounterMode (no TorchScript) reproduces fvcore's FLOPs "
+            f"exactly for all {len(checked)} fvcore-counted models."
+        )
+
+
+def _print_latency(report: ProfileReport, batch_size: int) -> None:
+    """How the latency columns were measured, on which hardware."""
+    timing = report.latency_settings
+    hardware = ", ".join(
+        f"{d}: {torch.cuda.get_device_name(d) if torch.device(d).type == 'cuda' else platform.machine()}"
+        + ("" if torch.device(d).type == "cuda" else f" {torch.get_num_threads()} threads")
+        for d in report.latency
+    )
+    print(
+        f"Latency: median ms per forward of batch {batch_size} ({hardware}"
+        f"{', channels_last' if timing.channels_last else ''}{', torch.compile' if timing.compile else ''}), "
+        f"{timing.rounds} rounds x {timing.iters} forwards after {timing.warmup} warm-up"
+        f"{' and one compiling forward' if timing.compile else ''}, models interleaved; 'x {LATENCY_BASELINE}' is the "
+        "ratio to timm's resnet18 on the same device in this run. The paper's times are for another machine: compare "
+        "ratios."
+    )
+
+
+def _print_parity(report: ProfileReport, all_layers: bool) -> None:
+    """Each model's CoConv2d layers (failing ones, or all) and the whole-model twins, with the verdict."""
+    print("\nCoConv2d parity: each layer vs the nn.Conv2d it replaces, counted at its input size in the model")
+    for name, layers in report.layer_parity.items():
+        bad = [lp for lp in layers if not lp.ok]
+        strides = sorted({lp.stride for lp in layers})
+        print(f"  {name}: {len(layers) - len(bad)}/{len(layers)} layers equal (strides {strides})")
+        for lp in layers if all_layers else bad[:MAX_FAILURES_SHOWN]:
+            print(f"    {_layer_line(lp)}")
+        if not all_layers and len(bad) > MAX_FAILURES_SHOWN:
+            print(f"    ... {len(bad) - MAX_FAILURES_SHOWN} more failing layers (--layers lists all)")
+    if report.model_parity:
+        print("Whole-model parity (params and FLOPs must be identical):")
+    for mp in report.model_parity:
+        print(f"  {_model_parity_line(mp)}")
+    print("\nParity: " + ("PASSED" if report.parity_passed else "FAILED"))
+
+
+def _write(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    print(f"Wrote {path}")
 
 
 def main(argv: Sequence[str], prog: str = "timm-acsi profile") -> int:
@@ -287,13 +344,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi profile") -> int:
     specs = profiling.resolve_specs([n for arg in args.models for n in arg.split(",") if n])
     for path in (args.markdown, args.json):  # before profiling: nothing is computed only to be refused
         _check_output(path, args.overwrite)
-    if args.latency:
-        args.device = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        if any(torch.device(d).type == "cuda" for d in args.device) and not torch.cuda.is_available():
-            raise ValueError(f"--device {' '.join(args.device)} asks for CUDA, which is not available.")
-        if LATENCY_BASELINE not in {s.name for s in specs}:
-            specs.insert(0, profiling.PROFILE_SPECS[LATENCY_BASELINE])
-
+    latency = _latency_settings(args)
     input_size = (args.batch_size, 3, args.img_size, args.img_size)
     versions = _versions()
     settings = (
@@ -302,90 +353,22 @@ def main(argv: Sequence[str], prog: str = "timm-acsi profile") -> int:
     )
     print(f"{prog}: {settings}")
 
-    models = {s.name: profiling.build_model(s, args.num_classes) for s in specs}
-    profiles = {
-        n: profiling.profile_model(m, input_size, args.count_elementwise, parity=not args.no_parity)
-        for n, m in models.items()
-    }
-    for name, prof in profiles.items():
+    report = profiling.profile_models(
+        specs, input_size, args.num_classes, args.count_elementwise, parity=not args.no_parity, latency=latency
+    )
+    for name, prof in report.profiles.items():
         if prof.notice:
             print(f"NOTICE ({name}): {prof.notice}")
-
-    layer_parity = {n: p.layer_parity for n, p in profiles.items() if p.layer_parity}
-    model_parity: List[ModelParity] = []
-    if not args.no_parity:
-        for spec in specs:
-            if spec.reference:
-                ref = spec.reference
-                model_parity.append(profiling.compare_profiles(spec.name, profiles[spec.name], ref, profiles[ref]))
-
-    latency = None
-    if args.latency:
-        latency = {  # CPU first: measure_latency moves the models to each device in turn
-            d: profiling.measure_latency(
-                models, input_size, d, args.channels_last, args.warmup, args.rounds, args.iters
-            )
-            for d in sorted(args.device, key=lambda d: torch.device(d).type != "cpu")
-        }
-
-    print()
-    print(_table(specs, profiles, latency, args.num_classes, markdown=False))
-    print()
-    for note in _notes(specs, profiles):
-        print(note.replace("`", ""))
-    checked = [n for n, p in profiles.items() if p.counter == "fvcore"]
-    for n in checked:
-        p = profiles[n]
-        if not p.counters_agree:
-            print(f"WARNING: FlopCounterMode counts {p.cross_check_flops:,} FLOPs for {n}, fvcore {p.flops:,}.")
-    if checked and all(profiles[n].counters_agree for n in checked):
-        print(
-            "Cross-check: torch.utils.flop_counter.FlopCounterMode (no TorchScript) reproduces fvcore's FLOPs "
-            f"exactly for all {len(checked)} fvcore-counted models."
-        )
-    if latency:
-        hardware = ", ".join(
-            f"{d}: {torch.cuda.get_device_name(d) if torch.device(d).type == 'cuda' else platform.machine()}"
-            + ("" if torch.device(d).type == "cuda" else f" {torch.get_num_threads()} threads")
-            for d in latency
-        )
-        print(
-            f"Latency: median ms per forward of batch {args.batch_size} ({hardware}"
-            f"{', channels_last' if args.channels_last else ''}), {args.rounds} rounds x {args.iters} forwards "
-            f"after {args.warmup} warm-up, models interleaved; 'x {LATENCY_BASELINE}' is the ratio to timm's "
-            "resnet18 on the same device in this run. The paper's times are for another machine: compare ratios."
-        )
-
-    failed = False
-    if not args.no_parity:
-        print("\nCoConv2d parity: each layer vs the nn.Conv2d it replaces, counted at its input size in the model")
-        for name, layers in layer_parity.items():
-            bad = [lp for lp in layers if not lp.ok]
-            strides = sorted({lp.stride for lp in layers})
-            print(f"  {name}: {len(layers) - len(bad)}/{len(layers)} layers equal (strides {strides})")
-            shown = layers if args.layers else bad[:MAX_FAILURES_SHOWN]
-            for lp in shown:
-                print(f"    {_layer_line(lp)}")
-            if not args.layers and len(bad) > MAX_FAILURES_SHOWN:
-                print(f"    ... {len(bad) - MAX_FAILURES_SHOWN} more failing layers (--layers lists all)")
-            failed |= bool(bad)
-        if model_parity:
-            print("Whole-model parity (params and FLOPs must be identical):")
-        for mp in model_parity:
-            print(f"  {_model_parity_line(mp)}")
-            failed |= not mp.ok
-        print("\nParity: " + ("FAILED" if failed else "PASSED"))
-
+    _print_counts(report)
+    if report.latency:
+        _print_latency(report, args.batch_size)
+    if report.parity_checked:
+        _print_parity(report, args.layers)
     if args.markdown:
-        text = _markdown(args, specs, profiles, latency, layer_parity, model_parity, settings)
-        atomic_write(args.markdown, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        print(f"Wrote {args.markdown}")
+        _write(args.markdown, _markdown(report, args, settings))
     if args.json:
-        data = _json_data(args, specs, profiles, latency, layer_parity, model_parity, versions, failed)
-        text = json.dumps(data, indent=2) + "\n"
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        print(f"Wrote {args.json}")
-    return 1 if failed else 0
+        _write(args.json, json.dumps(_json_data(report, versions), indent=2) + "\n")
+    return 1 if report.parity_passed is False else 0
 
 
 if __name__ == "__main__":

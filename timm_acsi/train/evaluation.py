@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,17 +12,15 @@ from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..data import build_dataset, create_fer_transform, detect_layout
-from ..labels import check_label_names
 from ..metrics import compute_metrics, confusion_matrix
+from ..sources import build_model, resolve_description
 from .distributed import DistInfo, ShardSampler, all_sum, init_distributed
-from .model import autocast, build_model, classifier_name, load_weights
+from .model import autocast
 
 __all__ = ["evaluate", "evaluate_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 DATASET_NAMES = {"rafdb": "RAF-DB", "affectnet": "AffectNet", "fer2013": "FER-2013"}
-#: The recipe's evaluation crop (resize 256, centre crop 224), for checkpoints that record none.
-DEFAULT_CROP_PCT = 224 / 256
 
 
 def batches(loader: DataLoader) -> Iterator[Any]:
@@ -148,34 +145,39 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint on one split of a dataset; returns the ``metrics.json`` dict.
 
     Architecture (with its ``model_args``), classes, label names and preprocessing (crop, and grayscale faces
-    for a model trained on them) come from the checkpoint's description; arguments that contradict it raise. A
-    checkpoint without one needs ``model_name`` (and the ``model_args`` of a variant, e.g.
-    ``{"attn_placement": "stage"}``) and ``label_names`` (the classes in the order of the model's outputs; their
-    count is the classifier's unless ``num_classes`` says otherwise). Outputs are matched to the dataset's
+    for a model trained on them) come from the checkpoint's description, read by the rules every command uses
+    (:func:`~timm_acsi.sources.resolve_description`); arguments that contradict it raise. A checkpoint without
+    one needs ``model_name`` (and the ``model_args`` of a variant, e.g. ``{"attn_placement": "stage"}``) and
+    ``label_names`` (the classes in the order of the model's outputs). Outputs are matched to the dataset's
     classes by label *name*. ``resize`` defaults to ``round(img_size / crop_pct)`` with the checkpoint's
     ``crop_pct`` (the recipe's 224 / 256 if it has none). Weights holding NaN/inf are refused.
     """
     _check_sizes(img_size=img_size, resize=resize, batch_size=batch_size, workers=workers)
     state_dict, meta = load_checkpoint(checkpoint)
-    meta = meta or {}
-    arch, model_args = _architecture(checkpoint, meta, model_name, model_args)
-    n_out = _num_outputs(checkpoint, meta, state_dict, arch, num_classes, label_names)
-    ckpt_names = _label_names(checkpoint, meta, n_out, label_names)
+    desc = resolve_description(
+        meta,
+        str(checkpoint),
+        architecture=model_name,
+        label_names=label_names,
+        model_args=model_args,
+        num_classes=num_classes,
+        state_dict=state_dict,
+    )
     check_finite_weights(state_dict, checkpoint)
-    img_size = img_size or (meta.get("input_size") or [3, 224, 224])[-1]
-    resize = resize or round(img_size / (meta.get("crop_pct") or DEFAULT_CROP_PCT))
+    img_size = img_size or desc.input_size[-1]
+    resize = resize or round(img_size / desc.crop_pct)
 
     info = init_distributed(device)
-    model = build_model(arch, n_out, model_args)
-    load_weights(model, state_dict, checkpoint, arch)
-    model.to(info.device)
+    model = build_model(desc, state_dict, str(checkpoint)).to(info.device)
 
-    transform = create_fer_transform(False, img_size=img_size, resize=resize, grayscale=bool(meta.get("grayscale")))
-    dataset = build_dataset(data, split, layout, n_out, transform=transform, skip_unreadable=skip_unreadable)
-    missing = sorted(set(dataset.label_names) - set(ckpt_names))
+    transform = create_fer_transform(False, img_size=img_size, resize=resize, grayscale=desc.grayscale)
+    dataset = build_dataset(data, split, layout, desc.num_classes, transform=transform, skip_unreadable=skip_unreadable)
+    missing = sorted(set(dataset.label_names) - set(desc.label_names))
     if missing:
-        raise ValueError(f"The checkpoint has no output for dataset class(es) {missing}; its labels are {ckpt_names}.")
-    output_index = [ckpt_names.index(n) for n in dataset.label_names]
+        raise ValueError(
+            f"The checkpoint has no output for dataset class(es) {missing}; its labels are {desc.label_names}."
+        )
+    output_index = [desc.label_names.index(n) for n in dataset.label_names]
     cm, _ = evaluate(
         model,
         eval_loader(dataset, batch_size, workers, info),
@@ -183,70 +185,8 @@ def evaluate_checkpoint(
         info,
         amp=amp,
         tta_flip=tta_flip,
-        output_index=None if output_index == list(range(n_out)) else output_index,
+        output_index=None if output_index == list(range(desc.num_classes)) else output_index,
         progress=progress and info.is_main,
     )
     name = dataset_display_name(data, resolve_layout(data, layout), dataset_name)
     return compute_metrics(cm, dataset.label_names, name, split)
-
-
-def _architecture(
-    checkpoint: PathLike, meta: Dict[str, Any], model_name: Optional[str], model_args: Optional[Dict[str, Any]]
-) -> Tuple[str, Dict[str, Any]]:
-    """The architecture and model_args: the description's, else the arguments; contradictions raise."""
-    arch = meta.get("architecture")
-    if model_name and arch and model_name.split(".", 1)[0] != arch:
-        raise ValueError(f"{checkpoint} says architecture {arch}, not {model_name}: drop the model name (--model).")
-    if model_args is not None and meta.get("model_args") is not None and dict(model_args) != meta["model_args"]:
-        raise ValueError(
-            f"{checkpoint} says model_args {meta['model_args']}, not {dict(model_args)}: drop --model-args."
-        )
-    arch = arch or model_name
-    if not arch:
-        raise ValueError(f"{checkpoint} has no description naming its architecture: pass the model name (--model).")
-    if not timm.is_model(arch):
-        raise ValueError(f"Unknown model {arch!r}: pass a timm model name (--model), e.g. acsinet18.")
-    return arch, dict(meta.get("model_args") or model_args or {})
-
-
-def _num_outputs(
-    checkpoint: PathLike,
-    meta: Dict[str, Any],
-    state_dict: Dict[str, torch.Tensor],
-    arch: str,
-    num_classes: Optional[int],
-    label_names: Optional[Sequence[str]],
-) -> int:
-    """The model's number of outputs: the description's, the arguments', else the classifier's size."""
-    meta_classes = meta.get("num_classes") or len(meta.get("label_names") or []) or None
-    if num_classes and meta_classes not in (None, num_classes):
-        raise ValueError(
-            f"{checkpoint} says it has {meta_classes} classes, not {num_classes}: drop num_classes (--num-classes)."
-        )
-    n_out = num_classes or meta_classes or (len(label_names) if label_names else None)
-    head = state_dict.get(f"{classifier_name(arch)}.weight")
-    n_out = n_out or (head.shape[0] if head is not None and head.ndim == 2 else None)
-    if n_out is None:
-        raise ValueError(f"{checkpoint} does not say how many classes it has: pass num_classes (--num-classes 7 or 8).")
-    return n_out
-
-
-def _label_names(
-    checkpoint: PathLike, meta: Dict[str, Any], n_out: int, label_names: Optional[Sequence[str]]
-) -> Tuple[str, ...]:
-    """The class of each output: the description's (arguments must agree), else ``label_names``."""
-    if meta.get("label_names"):
-        ckpt_names = check_label_names(meta["label_names"], n_out)
-        if label_names and check_label_names(label_names, n_out) != ckpt_names:
-            raise ValueError(
-                f"{checkpoint} says its outputs are {list(ckpt_names)}, not {list(label_names)}: drop label_names "
-                "(--label-names)."
-            )
-        return ckpt_names
-    if label_names:
-        return check_label_names(label_names, n_out)
-    raise ValueError(
-        f"{checkpoint} does not record the order of its {n_out} outputs (no label_names in its description): "
-        "pass label_names, one per output in the order of the model's outputs (e.g. --label-names "
-        "anger,disgust,fear,happiness,sadness,surprise,neutral; RAF-DB's own order starts with surprise)."
-    )
