@@ -47,11 +47,6 @@ def check_model_source(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"init_checkpoint {cfg.init_checkpoint} does not exist.")
 
 
-def classifier_name(architecture: str) -> str:
-    """The prefix of the classifier's tensors in the architecture's state dict (timm's pretrained_cfg)."""
-    return resolve_pretrained_cfg(split_model_name_tag(architecture)[0]).classifier or "fc"
-
-
 def build_model(name: str, num_classes: int, model_args: Dict[str, Any], pretrained: bool = False) -> nn.Module:
     """``timm.create_model`` with a ValueError naming ``--model-args`` when the kwargs do not fit the model."""
     try:
