@@ -1,16 +1,20 @@
 """Training throughput (images/s, forward + backward + SGD step) of timm's resnet18 vs coresnet18 vs acsinet18.
 
-All models are measured in the same process, in interleaved rounds (A B C A B C ...) so that a change in
+All models are measured in the same process, in interleaved rounds (A B C, B C A, ...) so that a change in
 machine load hits every model alike; the median round is reported with its ratio to resnet18::
 
     python benchmarks/train_throughput.py                       # batch 32 at 224x224, the paper's setting
+    python benchmarks/train_throughput.py --img-size 48 --batch-size 64     # the FER-2013 setting
     python benchmarks/train_throughput.py --device cuda --amp --channels-last
+    nice -n 19 python benchmarks/train_throughput.py --threads 1 --clock cpu  # on a CPU shared with other jobs
+
+``benchmarks/scaling_sweep.py`` reuses the helpers below.
 """
 
 import argparse
 import statistics
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import timm
 import torch
@@ -18,11 +22,56 @@ import torch
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
 
 BASELINE = "resnet18"
+#: ``wall``: elapsed time; ``cpu``: CPU time of the process (all its threads), for a machine shared with other
+#: jobs, where a niced process waits for the CPU: use it with ``--threads 1`` (idle OpenMP threads spin).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False) -> Callable[[], None]:
+    """One SGD step (the paper's momentum 0.9, wd 5e-4) of ``model`` in train mode on the batch ``(x, y)``."""
+    device = x.device
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def interleaved(
+    steps: Dict[str, Callable[[], None]],
+    iters: int,
+    rounds: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Dict[str, List[float]]:
+    """Seconds per call of every step, one value per round; each round runs ``iters`` calls of each step in
+    turn, the first step rotating between rounds so that none is always measured first."""
+    names = list(steps)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            start = clock()
+            for _ in range(iters):
+                steps[name]()
+            sync(device)
+            times[name].append((clock() - start) / iters)
+    return times
 
 
 def main() -> None:
@@ -38,6 +87,7 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or the process's CPU time")
     args = parser.parse_args()
     if BASELINE not in args.models:
         args.models.insert(0, BASELINE)
@@ -45,47 +95,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    criterion = torch.nn.CrossEntropyLoss()
 
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    setups = {}
+    steps = {}
     for name in args.models:
-        model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=memory_format).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        setups[name] = (model, optimizer)
-
-    def step(name: str) -> None:
-        model, optimizer = setups[name]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    for name in args.models:
+        model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=memory_format)
+        steps[name] = train_step(model, x, y, args.amp)
+    for step in steps.values():
         for _ in range(args.warmup):
-            step(name)
-    _sync(device)
-    rates: Dict[str, List[float]] = {name: [] for name in args.models}
-    for _ in range(args.rounds):
-        for name in args.models:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                step(name)
-            _sync(device)
-            rates[name].append(args.iters * args.batch_size / (time.perf_counter() - start))
+            step()
+    times = interleaved(steps, args.iters, args.rounds, device, CLOCKS[args.clock])
+    rates = {name: [args.batch_size / t for t in values] for name, values in times.items()}
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(
         f"train step throughput, batch {args.batch_size} at {args.img_size}x{args.img_size}, {device}{threads}, "
-        f"amp={args.amp}, channels_last={args.channels_last}, median of {args.rounds} rounds x {args.iters} steps"
+        f"amp={args.amp}, channels_last={args.channels_last}, {args.clock} clock, median of {args.rounds} rounds "
+        f"x {args.iters} steps"
     )
     base = statistics.median(rates[BASELINE])
     print(f"{'model':<12} {'images/s':>10} {'min':>8} {'max':>8} {'vs resnet18':>12}")

@@ -196,10 +196,26 @@ def test_none_detector_and_checkpoint_without_description(model, photos, capsys)
 def test_bad_arguments(model, photos, capsys):
     code, _, err = run(capsys, photos, "--model", "model.onnx", "--backend", "onnxruntime", "--cam", "out")
     assert code == 2 and "--cam needs the torch backend" in err
+    code, _, err = run(capsys, photos, "--model", "model.onnx", "--backend", "onnxruntime", "--compile")
+    assert code == 2 and "--compile compiles the PyTorch model; an .onnx file runs in onnxruntime" in err
     code, _, err = run(capsys, photos, "--model", "coresnet18")
     assert code == 2 and "coresnet18.rafdb has no weights published" in err
     with pytest.raises(SystemExit):
         run(capsys, photos, "--model", model, "--every", "0")
+
+
+def test_compile_runs_the_model_through_torch_compile(model, photos, monkeypatch, capsys):
+    compiled = []
+
+    def fake_compile(module, **kwargs):  # a real compile takes minutes on a CPU
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    code, out, err = run(capsys, photos / "astronaut.png", "--model", model, "--compile")
+    assert code == 0, err
+    assert [type(m).__name__ for m in compiled] == ["CoResNet"]
+    assert out.splitlines()[1].split()[:4] == [str(photos / "astronaut.png"), "-", "0", "177,67,93,93"]
 
 
 @pytest.mark.parametrize(

@@ -912,3 +912,47 @@ def test_ddp_damaged_resume_state_fails_on_every_rank(run, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0
     assert result.stderr.count("last_state.pt cannot be read (UnpicklingError") == 2, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+
+class _Compiled(torch.nn.Module):
+    """torch.compile's OptimizedModule in small (a real compile takes minutes on a CPU): the model as
+    ``_orig_mod``, so that its state dict carries the ``_orig_mod.`` prefix; counts the forwards through it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = model
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self._orig_mod(x)
+
+
+def test_compile_trains_through_the_compiled_model_and_saves_plain_names(dataset, tmp_path, monkeypatch, capsys):
+    compiled = []
+
+    def fake_compile(model: torch.nn.Module, **kwargs) -> _Compiled:
+        compiled.append(_Compiled(model))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = _cfg(dataset, tmp_path / "run", epochs=1, compile=True)
+    train(cfg, progress=False)
+    assert len(compiled) == 1 and type(compiled[0]._orig_mod).__name__ == "CoResNet"
+    assert compiled[0].calls == 6  # the 6 training batches; validation runs the plain model
+    run_dir = Path(cfg.output)
+    names = set(timm.create_model("acsinet18", num_classes=7).state_dict())
+    assert set(load_file(str(run_dir / "best.safetensors"))) == names
+    assert set(load_file(str(run_dir / "last.safetensors"))) == names
+    assert set(torch.load(run_dir / "last_state.pt", weights_only=True)["model"]) == names
+    assert load_config_file(run_dir / "config.yaml")["compile"] is True
+    # compile changes how a run is computed, not what: the config hash ignores it
+    assert read_checkpoint_meta(run_dir / "best.safetensors")["config_hash"] == config_hash(
+        dataclasses.replace(cfg, compile=False)
+    )
+    assert config_hash(cfg) != config_hash(dataclasses.replace(cfg, lr=0.5))
+    assert run_command("train", ["--compile", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["compile"] is True

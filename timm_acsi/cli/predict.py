@@ -62,6 +62,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="default: torch")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (torch)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (torch backend; the first batch compiles, about 30 s on a CPU): for long runs",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="faces per network batch (default: 32)")
     parser.add_argument("--arch", help="architecture, for checkpoints without a description (e.g. acsinet18)")
     parser.add_argument(
@@ -327,7 +332,9 @@ def make_recognizer(args: argparse.Namespace) -> ExpressionRecognizer:
         if args.model_args is not None:
             load["model_args"] = dict(args.model_args)
         load = {k: v for k, v in load.items() if v is not None}
-        return ExpressionRecognizer(args.model, device=args.device, channels_last=args.channels_last, **common, **load)
+        return ExpressionRecognizer(
+            args.model, device=args.device, channels_last=args.channels_last, compile=args.compile, **common, **load
+        )
     from ..export.ort_backend import OnnxBackend
 
     return ExpressionRecognizer(OnnxBackend(args.model), **common)
@@ -339,6 +346,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "--cam needs the torch backend (attention maps come from the PyTorch model): drop --cam or the backend."
         )
+    if args.backend == "onnxruntime" and args.compile:
+        raise ValueError("--compile compiles the PyTorch model; an .onnx file runs in onnxruntime: drop one of them.")
     if args.backend == "onnxruntime" and (args.arch or args.label_names or args.model_args):
         raise ValueError(
             "--arch/--label-names/--model-args describe torch checkpoints; an exported .onnx file carries its own."

@@ -44,6 +44,8 @@ class ExpressionRecognizer:
         min_face_size: boxes narrower or lower than this many pixels are skipped (and reported).
         batch_size: faces per network batch.
         channels_last: run the torch model in channels-last memory format.
+        compile: run the torch model through ``torch.compile`` (see
+            :class:`~timm_acsi.inference.torch_backend.TorchBackend`); only for a model source or LoadedModel.
         **load_kwargs: passed to :func:`~timm_acsi.sources.load_model` (``label_names``, ``architecture``...).
     """
 
@@ -56,13 +58,14 @@ class ExpressionRecognizer:
         min_face_size: int = 24,
         batch_size: int = 32,
         channels_last: bool = False,
+        compile: bool = False,
         **load_kwargs: Any,
     ):
         if margin < 0 or min_face_size < 1 or batch_size < 1:
             raise ValueError(
                 f"margin must be >= 0, min_face_size and batch_size >= 1 (got {margin}, {min_face_size}, {batch_size})."
             )
-        self.backend = _make_backend(model, device, channels_last, load_kwargs)
+        self.backend = _make_backend(model, device, channels_last, compile, load_kwargs)
         self.detector = create_detector(detector)
         self.label_names: Tuple[str, ...] = tuple(self.backend.label_names)
         self.preprocess = Preprocessor(self.backend.data_config, grayscale=self.backend.grayscale)
@@ -201,7 +204,7 @@ def _source_name(image: ImageInput, given: Optional[str]) -> Optional[str]:
     return str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else None
 
 
-def _make_backend(model: Any, device: str, channels_last: bool, load_kwargs: Dict[str, Any]) -> Any:
+def _make_backend(model: Any, device: str, channels_last: bool, compile: bool, load_kwargs: Dict[str, Any]) -> Any:
     """A backend from a source string or LoadedModel (torch, imported here), or ``model`` itself if it is one."""
     if (
         isinstance(model, str)
@@ -212,8 +215,12 @@ def _make_backend(model: Any, device: str, channels_last: bool, load_kwargs: Dic
         from .torch_backend import TorchBackend  # torch only when a torch model is asked for
 
         if isinstance(model, str) or hasattr(model, "__fspath__"):
-            return TorchBackend.from_source(str(model), device, channels_last=channels_last, **load_kwargs)
-        return TorchBackend(model, channels_last=channels_last)
+            return TorchBackend.from_source(
+                str(model), device, channels_last=channels_last, compile=compile, **load_kwargs
+            )
+        return TorchBackend(model, channels_last=channels_last, compile=compile)
+    if compile:
+        raise ValueError(f"compile=True compiles a torch model; {type(model).__name__} is already a backend.")
     if load_kwargs:
         raise TypeError(f"{', '.join(load_kwargs)} describe a model source; {type(model).__name__} is already loaded.")
     missing = [a for a in ("label_names", "data_config", "grayscale") if not hasattr(model, a)]

@@ -136,12 +136,16 @@ class CoConv2d(nn.Conv2d):
         if len(self.splits) == 1:
             return self._conv_forward(x, self.weight, self.bias)
         k = self.kernel_size[0]
+        # One split of the weight, not a slice per branch: its backward concatenates the branch gradients,
+        # where slices would each scatter theirs into a zero tensor of the full weight's size, then add up.
+        # The last chunk holds the rows no branch uses: none, unless splits was changed after construction.
+        weights = self.weight.split(self.splits + [self.out_channels - sum(self.splits)])
         outs: List[torch.Tensor] = []
         start = 0
-        for split, d in zip(self.splits, self.dilations):
+        for i, (split, d) in enumerate(zip(self.splits, self.dilations)):
             bias = self.bias
             if bias is not None:
                 bias = bias[start : start + split]
-            outs.append(F.conv2d(x, self.weight[start : start + split], bias, self.stride, d * (k // 2), d))
+            outs.append(F.conv2d(x, weights[i], bias, self.stride, d * (k // 2), d))
             start += split
         return torch.cat(outs, dim=1)

@@ -82,6 +82,11 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     amp: bool = _opt(False, "mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
     channels_last: bool = _opt(False, "channels-last memory format")
+    compile: bool = _opt(
+        False,
+        "torch.compile the model for the training forward + backward (inductor; on the CPU it needs a C compiler "
+        "such as gcc; the first steps compile); checkpoints keep the plain model's names",
+    )
     # run
     output: Optional[str] = _opt(None, "run folder (default: runs/MODEL-TIMESTAMP)")
     best_metric: str = _opt("val_acc", "metric selecting the best checkpoint", choices=BEST_METRICS)
@@ -252,7 +257,12 @@ def save_config(cfg: TrainConfig, path: PathLike) -> Path:
     return path
 
 
+#: Settings that change where or how a run is computed, not what it computes: left out of :func:`config_hash`.
+_UNHASHED = ("output", "compile")
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    """sha256 of the canonical JSON of the config, without ``output`` (a copied run keeps its hash)."""
-    values = {k: v for k, v in cfg.to_dict().items() if k != "output"}
+    """sha256 of the canonical JSON of the config, without ``output`` (a copied run keeps its hash) and
+    ``compile`` (the same run, compiled; runs from before the option keep their hash)."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in _UNHASHED}
     return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -139,6 +139,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
     if info.distributed:
         device_ids = [info.device] if info.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:  # only the training forward + backward; state dicts, validation and checkpoints use `model`
+        train_model = torch.compile(train_model)
     meta_base = _checkpoint_description(cfg, data)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(state.epoch, cfg.epochs):

@@ -1,0 +1,94 @@
+"""The speed benchmarks run end to end on tiny settings (their numbers are measured, never asserted: see
+docs/speed.md), and the op profiler attributes each op to the module group it belongs to."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _script(name: str, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCHMARKS / name), "--threads", "1", *argv]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _markdown_rows(path: Path) -> list:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_scaling_sweep_writes_a_ratio_table_and_a_plot(tmp_path):
+    md, png = tmp_path / "scaling.md", tmp_path / "plot" / "scaling.png"
+    argv = ["--models", "resnet18", "coresnet18", "--batch-sizes", "2", "3", "--img-sizes", "32", "40"]
+    _script("scaling_sweep.py", *argv, "--rounds", "1", "--min-time", "0", "--markdown", str(md), "--plot", str(png))
+    header, _, *rows = _markdown_rows(md)
+    assert header == ["mode", "img", "batch", "resnet18 ms", "coresnet18 / resnet18"]
+    cells = [(mode, int(img), int(batch)) for mode, img, batch, *_ in rows]
+    assert cells == [(mode, img, batch) for mode in ("inference", "training") for img in (32, 40) for batch in (2, 3)]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
+    # two panels (one per mode) side by side, a legend line per model and one for the input sizes
+    assert Image.open(png).size == (70 + 2 * (560 + 70) + 10, 60 + 400 + 60 + 24 * 2)
+
+
+def test_train_throughput_prints_every_model_with_its_ratio():
+    out = _script(
+        "train_throughput.py", "--models", "coresnet18", "--img-size", "32", "--batch-size", "2",
+        "--warmup", "1", "--iters", "1", "--rounds", "2", "--clock", "cpu",
+    ).stdout  # fmt: skip
+    assert "batch 2 at 32x32" in out and "cpu clock, median of 2 rounds x 1 steps" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert set(rows) == {"resnet18", "coresnet18"}
+    assert rows["resnet18"][-1] == "1.000" and float(rows["coresnet18"][-1]) > 0
+
+
+@pytest.fixture(scope="module")
+def profile_ops():
+    spec = importlib.util.spec_from_file_location("profile_ops", BENCHMARKS / "profile_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _profiles(profile_ops, mode: str, batch_size: int) -> dict:
+    models = {name: timm.create_model(name, num_classes=7) for name in ("resnet18", "coresnet18", "acsinet18")}
+    for model in models.values():
+        profile_ops._mark_groups(model)
+    x = torch.randn(batch_size, 3, 32, 32)
+    return profile_ops.profile_setting(models, x, mode, warmup=0, iters=1)
+
+
+def test_profile_ops_groups_forward_ops_by_module(profile_ops):
+    profiles = _profiles(profile_ops, "forward", batch_size=1)
+    calls = {name: {key: c for key, (_, c) in table.items()} for name, table in profiles.items()}
+    convs, attn = profile_ops.CONVS, profile_ops.ATTN
+    # 12 CoConvs in layer1-3 (layer4's level-1 convs are plain) concatenate their branches; resnet18 has no cat
+    assert calls["coresnet18"][(convs, "aten::cat")] == 12 == calls["acsinet18"][(convs, "aten::cat")]
+    assert not any(op == "aten::cat" for _, op in calls["resnet18"])
+    # branch convs: layer1 level 4, layer2 level 3, layer3 level 2, 4 CoConvs each; resnet18: 12 plain 3x3 convs
+    assert calls["coresnet18"][(convs, "aten::conv2d")] == 4 * (4 + 3 + 2)
+    assert calls["resnet18"][(convs, "aten::conv2d")] == 12
+    # coordinate attention: one module per residual block (8) and one after the stem: 3 convs each
+    assert calls["acsinet18"][(attn, "aten::conv2d")] == 3 * 9
+    for name in ("resnet18", "coresnet18"):
+        assert not any(group == attn for group, _ in calls[name])
+
+
+def test_profile_ops_gives_backward_ops_to_their_forward_group(profile_ops):
+    profiles = _profiles(profile_ops, "train", batch_size=2)  # batch-norm needs 2 at 1x1
+    groups = {name: profile_ops._by_group(table) for name, table in profiles.items()}
+    assert groups["acsinet18"][profile_ops.ATTN] > 0 and groups["resnet18"][profile_ops.ATTN] == 0
+    backward = {op for (group, op) in profiles["acsinet18"] if group == profile_ops.ATTN and "Backward" in op}
+    assert {"SigmoidBackward0", "MeanBackward1"} <= backward, backward
+    conv_backward = {op for (group, op) in profiles["coresnet18"] if group == profile_ops.CONVS and "Backward" in op}
+    assert {"ConvolutionBackward0", "CatBackward0"} <= conv_backward, conv_backward
