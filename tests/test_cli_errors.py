@@ -13,6 +13,9 @@ import pytest
 
 from timm_acsi import cli
 from timm_acsi.data import UnreadableImageError
+from timm_acsi.extras import MissingExtraError, import_extra
+from timm_acsi.inference import HaarFaceDetector
+from timm_acsi.inference.video import open_video
 from timm_acsi.train import RunError
 
 
@@ -26,7 +29,7 @@ from timm_acsi.train import RunError
         (IsADirectoryError("a folder"), 2),
         (RunError("rank 0 refused the run folder"), 2),
         (UnreadableImageError("x.png is not an image"), 2),
-        (cli.MissingExtraError("onnx", "onnx", "ONNX export"), 2),
+        (MissingExtraError("onnx", "onnx", "ONNX export"), 2),
         (ConnectionError("Hub unreachable"), 1),
         (OSError(errno.ENOSPC, "No space left on device"), 1),
         (KeyError("bug"), None),
@@ -96,12 +99,34 @@ def test_a_failed_parity_check_is_a_failure_not_bad_input():
 
 
 def test_import_extra_names_the_extra_that_installs_a_missing_module(monkeypatch):
-    assert cli.import_extra("json", "onnx", "ONNX export") is sys.modules["json"]
+    assert import_extra("json", "onnx", "ONNX export") is sys.modules["json"]
     monkeypatch.setitem(sys.modules, "onnx", None)  # any import of it now fails
-    with pytest.raises(cli.MissingExtraError) as info:
-        cli.import_extra("onnx", "onnx", "ONNX export")
+    with pytest.raises(MissingExtraError) as info:
+        import_extra("onnx", "onnx", "ONNX export")
     assert str(info.value) == 'ONNX export needs onnx, which is not installed: pip install "timm-acsi[onnx]"'
     assert info.value.name == "onnx" and isinstance(info.value.__cause__, ImportError)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: open_video("clip.avi"),
+            'Reading videos needs cv2, which is not installed: pip install "timm-acsi[predict]"',
+        ),
+        (
+            lambda: HaarFaceDetector(),
+            "Face detection with OpenCV's Haar cascade needs cv2, which is not installed: "
+            'pip install "timm-acsi[predict]"',
+        ),
+    ],
+)
+def test_library_code_names_the_extra_too(call, message, monkeypatch):
+    """Library functions that need OpenCV raise the same error as the commands (exit code 2)."""
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(MissingExtraError) as info:
+        call()
+    assert str(info.value) == message and cli.exit_code(info.value) == 2
 
 
 def test_run_command_names_the_script_that_runs_it(fake_command, capsys):

@@ -1,6 +1,7 @@
 """The browser demo: the upload reader, charts, CAM tiles, table, CSV and messages (plain functions), the command
 line, and the page itself served by ``python -m timm_acsi.cli.demo`` and driven in Debian's headless Chromium."""
 
+import configparser
 import csv
 import io
 import os
@@ -19,7 +20,6 @@ from PIL import Image
 from skimage import data as skdata
 
 from timm_acsi import FER7_LABELS
-from timm_acsi.cli import MissingExtraError
 from timm_acsi.cli import demo as demo_cli
 from timm_acsi.demo import (
     ImageTooLargeError,
@@ -34,6 +34,7 @@ from timm_acsi.demo import (
     summary_message,
 )
 from timm_acsi.demo.render import BAR_COLOR, CAM_TILE
+from timm_acsi.extras import MissingExtraError
 from timm_acsi.inference import ExpressionRecognizer, ImageResult, UnreadableImageError, load_image
 from timm_acsi.inference.draw import BOX_COLOR
 
@@ -329,3 +330,13 @@ def test_page_in_headless_chromium(photo, result, tmp_path):
     assert not remote, f"the page requested {remote}"
     text = log.read_text()
     assert "timm-acsi demo: 1 model loaded in" in text and f"http://127.0.0.1:{port}" in text
+
+
+def test_space_requirements_install_this_checkout_with_the_demo_extra():
+    """A Hugging Face Space of this repository installs requirements.txt: the checkout itself, with Gradio."""
+    root = Path(__file__).parents[1]
+    lines = [line.strip() for line in (root / "requirements.txt").read_text().splitlines()]
+    assert [line for line in lines if line and not line.startswith("#")] == [".[demo]"]
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    assert any(req.startswith("gradio") for req in setup["options.extras_require"]["demo"].split("\n"))

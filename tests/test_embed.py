@@ -33,6 +33,7 @@ from timm_acsi.embed import (
     stratified_indices,
     tsne_2d,
 )
+from timm_acsi.extras import MissingExtraError
 from timm_acsi.sources import load_model
 
 
@@ -183,8 +184,11 @@ def test_tsne_is_seeded_and_separates_distant_clusters():
 
 def test_missing_sklearn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
-    with pytest.raises(ImportError, match=r'pip install "timm-acsi\[embed\]"'):
+    with pytest.raises(MissingExtraError) as info:
         require_sklearn()
+    assert str(info.value) == (
+        'Computing t-SNE maps and silhouettes needs sklearn, which is not installed: pip install "timm-acsi[embed]"'
+    )
 
 
 # -------------------------------------------------------------------------------------------------- figure

@@ -198,8 +198,8 @@ def test_bad_arguments(model, photos, capsys):
     assert code == 2 and "--cam needs the torch backend" in err
     code, _, err = run(capsys, photos, "--model", "model.onnx", "--backend", "onnxruntime", "--compile")
     assert code == 2 and "--compile compiles the PyTorch model; an .onnx file runs in onnxruntime" in err
-    code, _, err = run(capsys, photos, "--model", "coresnet18")
-    assert code == 2 and "coresnet18.rafdb has no weights published" in err
+    code, _, err = run(capsys, photos, "--model", "coresnet34")
+    assert code == 2 and "coresnet34.rafdb has no weights published" in err
     with pytest.raises(SystemExit):
         run(capsys, photos, "--model", model, "--every", "0")
 

@@ -231,7 +231,7 @@ def test_label_spellings_agreeing_with_the_description_are_accepted(trained):
         ("{tmp}/missing.safetensors", FileNotFoundError, r"No such checkpoint or folder: .*missing\.safetensors"),
         ("{tmp}", ValueError, r"folder without best\.safetensors \(a run folder of timm-acsi train\)"),
         ("nosuchmodel", ValueError, r"neither a file or folder nor a timm model name"),
-        ("coresnet18", ValueError, r"coresnet18\.rafdb has no weights published: pass a trained checkpoint .*NAME\.$"),
+        ("coresnet34", ValueError, r"coresnet34\.rafdb has no weights published: pass a trained checkpoint .*NAME\.$"),
         ("acsinet18.rafdb", ValueError, r"acsinet18\.rafdb has no weights published: pass a trained checkpoint"),
         ("acsinet18.nosuchtag", ValueError, r"Invalid pretrained tag \(nosuchtag\).*Tags of acsinet18"),
         ("resnet18.a1_in1k", ValueError, r"lists no label_names \(1000 classes\): it is not an expression model"),

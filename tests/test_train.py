@@ -279,10 +279,10 @@ def test_init_checkpoint_keeps_a_same_size_head_in_label_order(tmp_path):
 def test_pretrained_without_weights_fails_before_reading_data(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--data", str(tmp_path / "no-data"), "--output", str(out), "--quiet"]
-    assert run_command("train", argv + ["--model", "coresnet18", "--pretrained"]) == 2
+    assert run_command("train", argv + ["--model", "coresnet34", "--pretrained"]) == 2
     assert capsys.readouterr().err == (
-        "timm-acsi train: error: --pretrained: coresnet18.rafdb has no published weights. Use an ImageNet tag "
-        "(--model coresnet18.tv_in1k) or --init-checkpoint FILE.\n"
+        "timm-acsi train: error: --pretrained: coresnet34.rafdb has no published weights. Use an ImageNet tag "
+        "(--model coresnet34.tv_in1k) or --init-checkpoint FILE.\n"
     )
     assert run_command("train", argv + ["--model", "acsinet19"]) == 2
     assert "Unknown model 'acsinet19'" in capsys.readouterr().err

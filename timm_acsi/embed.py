@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import create_fer_transform
+from .extras import import_extra
 from .labels import canonical_label
 from .sources import LoadedModel
 
 __all__ = [
-    "EMBED_EXTRA",
     "CLASS_COLOURS",
     "Embedding",
     "eval_transform",
@@ -46,7 +46,6 @@ __all__ = [
     "plot_embeddings",
 ]
 
-EMBED_EXTRA = 'pip install "timm-acsi[embed]"'
 #: Distance the silhouettes use, in the feature space and in the 2-D map (see the module docstring).
 SILHOUETTE_METRIC = "euclidean"
 
@@ -73,11 +72,11 @@ _PAD = 12
 
 
 def require_sklearn() -> Tuple[ModuleType, ModuleType]:
-    """scikit-learn's ``manifold`` and ``metrics`` modules, or an ImportError saying how to install them."""
-    try:
-        from sklearn import manifold, metrics
-    except ImportError as e:
-        raise ImportError(f"t-SNE and silhouette scores need scikit-learn ({e}): {EMBED_EXTRA}.") from e
+    """scikit-learn's ``manifold`` and ``metrics`` modules, or :class:`~timm_acsi.extras.MissingExtraError` naming
+    the embed extra."""
+    import_extra("sklearn", "embed", "Computing t-SNE maps and silhouettes")
+    from sklearn import manifold, metrics
+
     return manifold, metrics
 
 

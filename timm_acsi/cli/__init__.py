@@ -7,8 +7,11 @@ huggingface_hub's CLI does. Exceptions not listed there are bugs and keep their 
 
 import importlib
 import sys
-from types import ModuleType
 from typing import Optional, Sequence, Tuple, Union
+
+from ..extras import MissingExtraError, import_extra
+
+__all__ = ["COMMANDS", "ERRORS", "MissingExtraError", "import_extra", "exit_code", "main", "run_command"]
 
 #: subcommand -> (module under timm_acsi.cli, one-line help)
 COMMANDS = {
@@ -21,24 +24,6 @@ COMMANDS = {
     "embed": ("embed", "t-SNE maps and silhouettes of pooled features per model (the paper's Fig. 4)"),
     "demo": ("demo", "browser demo: upload a photo or webcam snapshot, see each face's expression and attention map"),
 }
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency of a command is not installed; the message names the extra that installs it."""
-
-    def __init__(self, module: str, extra: str, purpose: str) -> None:
-        super().__init__(
-            f'{purpose} needs {module}, which is not installed: pip install "timm-acsi[{extra}]"', name=module
-        )
-
-
-def import_extra(module: str, extra: str, purpose: str) -> ModuleType:
-    """``module``, or :class:`MissingExtraError` naming ``pip install "timm-acsi[EXTRA]"`` when it cannot be imported
-    (commands check their optional dependencies before any work, so the fix comes first and alone)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingExtraError(module, extra, purpose) from e
 
 
 ExceptionSpec = Union[type, str]

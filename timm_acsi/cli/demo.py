@@ -10,8 +10,8 @@ import sys
 import time
 from typing import Sequence
 
+from ..extras import import_extra
 from ..inference import DETECTORS
-from . import import_extra
 from ._args import positive_int
 
 

@@ -5,7 +5,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import import_extra
+from ..extras import import_extra
 from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names
 
 EXAMPLES = """examples:

@@ -8,8 +8,6 @@ module level: ``--backend onnxruntime`` runs without it.
 """
 
 import argparse
-import csv
-import io
 import json
 import math
 import sys
@@ -19,6 +17,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from tqdm import tqdm
 
+from ..extras import import_extra
 from ..inference import (
     DETECTORS,
     VIDEO_SUFFIXES,
@@ -30,8 +29,8 @@ from ..inference import (
     load_image,
     read_frames,
 )
+from ..inference.results import face_rows, to_csv
 from ..inference.video import open_video
-from . import import_extra
 from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names, positive_int
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -235,24 +234,11 @@ def _save_pictures(args: argparse.Namespace, name: Path, array, result: ImageRes
 
 def rows(report: Report) -> List[Dict[str, Any]]:
     """One row per face, and one row with ``face: None`` per image or frame without a face."""
-    out = []
-    for item, result in report.results:
-        base = {"file": str(item.path), "frame": result.frame}
-        if not result.faces:
-            out.append({**base, "face": None, "box": None, "detection_score": None, "label": None, "score": None})
-        for i, face in enumerate(result.faces):
-            out.append(
-                {
-                    **base,
-                    "face": i,
-                    "box": list(face.box),
-                    "detection_score": face.detection_score,
-                    "label": face.label,
-                    "score": face.score,
-                    "probabilities": dict(face.probabilities),
-                }
-            )
-    return out
+    return face_rows(_pairs(report))
+
+
+def _pairs(report: Report) -> List[Tuple[str, ImageResult]]:
+    return [(str(item.path), result) for item, result in report.results]
 
 
 def to_json(report: Report, rec: ExpressionRecognizer, args: argparse.Namespace) -> str:
@@ -269,19 +255,6 @@ def to_json(report: Report, rec: ExpressionRecognizer, args: argparse.Namespace)
         "unreadable": [{"file": f, "error": e} for f, e in report.unreadable],
     }
     return json.dumps(doc, indent=2) + "\n"
-
-
-def to_csv(report: Report, label_names: Sequence[str]) -> str:
-    """Columns: file, frame, face, x, y, w, h, detection_score, label, score, one per class (probabilities)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file", "frame", "face", "x", "y", "w", "h", "detection_score", "label", "score", *label_names])
-    for row in rows(report):
-        box = row["box"] or [None] * 4
-        probs = [row["probabilities"][n] for n in label_names] if row["face"] is not None else [None] * len(label_names)
-        values = [row["file"], row["frame"], row["face"], *box, row["detection_score"], row["label"], row["score"]]
-        writer.writerow(["" if v is None else v for v in values + probs])
-    return buffer.getvalue()
 
 
 def format_table(report: Report, label_names: Sequence[str]) -> str:
@@ -400,7 +373,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi predict") -> int:
     print(summary(report))
     for name, text in (
         (args.json, lambda: to_json(report, rec, args)),
-        (args.csv, lambda: to_csv(report, rec.label_names)),
+        (args.csv, lambda: to_csv(_pairs(report), rec.label_names)),
     ):
         if name:
             Path(name).parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
-from ..cli import import_extra
+from ..extras import import_extra
 from ..inference import ExpressionRecognizer, ImageResult, annotate
 from ..models.coresnet import FER2013_SHIPPED
 from .render import (
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 
 def import_gradio() -> Any:
-    """The ``gradio`` module with its telemetry off, or :class:`~timm_acsi.cli.MissingExtraError` (an ImportError)
+    """The ``gradio`` module with its telemetry off, or :class:`~timm_acsi.extras.MissingExtraError` (an ImportError)
     naming ``pip install "timm-acsi[demo]"``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     return import_extra("gradio", "demo", "The browser demo")

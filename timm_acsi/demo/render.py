@@ -9,9 +9,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from ..cli.predict import Item, Report, to_csv
 from ..inference import FaceResult, ImageResult, UnreadableImageError
 from ..inference.draw import BOX_COLOR, _font
+from ..inference.results import to_csv
 
 __all__ = [
     "MAX_SIDE",
@@ -131,8 +131,7 @@ def results_table(result: ImageResult, label_names: Sequence[str]) -> Tuple[List
 
 def results_csv(result: ImageResult, label_names: Sequence[str], name: str) -> str:
     """The CSV that ``timm-acsi predict --csv`` writes for this image, with ``name`` in its file column."""
-    item = Item(Path(name), Path(name), video=False)
-    return to_csv(Report([(item, result)], []), label_names)
+    return to_csv([(name, result)], label_names)
 
 
 def summary_message(result: ImageResult, model: str, detector: str, original: Optional[Tuple[int, int]] = None) -> str:

@@ -9,9 +9,12 @@ already face crops, as in aligned datasets). Any callable with the :class:`FaceD
 """
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, List, Protocol, Tuple, Union
 
 import numpy as np
+
+from ..extras import import_extra
 
 __all__ = ["Detection", "FaceDetector", "HaarFaceDetector", "WholeImageDetector", "create_detector", "DETECTORS"]
 
@@ -32,13 +35,9 @@ class FaceDetector(Protocol):
     def __call__(self, image: np.ndarray) -> List[Detection]: ...
 
 
-def import_cv2():
-    """OpenCV, or an ImportError that says how to install it."""
-    try:
-        import cv2
-    except ImportError as e:
-        raise ImportError(f"Face detection and video reading need OpenCV 4.x: {PREDICT_EXTRA}.") from e
-    return cv2
+def import_cv2(purpose: str) -> ModuleType:
+    """OpenCV, or :class:`~timm_acsi.extras.MissingExtraError` saying that ``purpose`` needs the predict extra."""
+    return import_extra("cv2", "predict", purpose)
 
 
 class HaarFaceDetector:
@@ -57,7 +56,7 @@ class HaarFaceDetector:
         min_neighbors: int = 5,
         min_size: int = 24,
     ):
-        cv2 = import_cv2()
+        cv2 = import_cv2("Face detection with OpenCV's Haar cascade")
         path = cascade if "/" in cascade or "\\" in cascade else cv2.data.haarcascades + cascade
         self._classifier = cv2.CascadeClassifier(path)
         if self._classifier.empty():

@@ -1,15 +1,18 @@
-"""What the recognizer returns: one :class:`FaceResult` per face, grouped in an :class:`ImageResult` per image."""
+"""What the recognizer returns: one :class:`FaceResult` per face, grouped in an :class:`ImageResult` per image;
+and the flat table of them (one row per face) that the predictor's JSON, CSV and printed table share."""
 
+import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from .detect import Detection
 
-__all__ = ["AttentionMap", "FaceResult", "ImageResult"]
+__all__ = ["AttentionMap", "FaceResult", "ImageResult", "CSV_COLUMNS", "face_rows", "to_csv"]
 
 Box = Tuple[int, int, int, int]
 
@@ -85,3 +88,43 @@ class ImageResult:
 
     def __getitem__(self, index: int) -> FaceResult:
         return self.faces[index]
+
+
+#: The CSV's leading columns; one column per class (its probability) follows, in ``label_names`` order.
+CSV_COLUMNS = ("file", "frame", "face", "x", "y", "w", "h", "detection_score", "label", "score")
+
+
+def face_rows(results: Iterable[Tuple[str, ImageResult]]) -> List[Dict[str, Any]]:
+    """One row per face of ``(file, result)`` pairs, and one row with ``face: None`` per image or frame without
+    a face (so that every input shows up)."""
+    out = []
+    for file, result in results:
+        base = {"file": file, "frame": result.frame}
+        if not result.faces:
+            out.append({**base, "face": None, "box": None, "detection_score": None, "label": None, "score": None})
+        for i, face in enumerate(result.faces):
+            out.append(
+                {
+                    **base,
+                    "face": i,
+                    "box": list(face.box),
+                    "detection_score": face.detection_score,
+                    "label": face.label,
+                    "score": face.score,
+                    "probabilities": dict(face.probabilities),
+                }
+            )
+    return out
+
+
+def to_csv(results: Iterable[Tuple[str, ImageResult]], label_names: Sequence[str]) -> str:
+    """The rows of :func:`face_rows` as CSV: :data:`CSV_COLUMNS`, then one probability column per class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*CSV_COLUMNS, *label_names])
+    for row in face_rows(results):
+        box = row["box"] or [None] * 4
+        probs = [row["probabilities"][n] for n in label_names] if row["face"] is not None else [None] * len(label_names)
+        values = [row["file"], row["frame"], row["face"], *box, row["detection_score"], row["label"], row["score"]]
+        writer.writerow(["" if v is None else v for v in values + probs])
+    return buffer.getvalue()

@@ -18,7 +18,7 @@ class UnreadableVideoError(ValueError):
 
 def open_video(path: Union[str, Path]) -> Tuple[object, int]:
     """An opened ``cv2.VideoCapture`` and its frame count (0 when the container does not say)."""
-    cv2 = import_cv2()
+    cv2 = import_cv2("Reading videos")
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         capture.release()
@@ -30,7 +30,7 @@ def read_frames(path: Union[str, Path], every: int = 1) -> Iterator[Tuple[int, n
     """``(frame index, RGB uint8 frame)`` for frames 0, every, 2 * every, ...; raises if no frame decodes."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}.")
-    cv2 = import_cv2()
+    cv2 = import_cv2("Reading videos")
     capture, _ = open_video(path)
     try:
         index, decoded = 0, 0
