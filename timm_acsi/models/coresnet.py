@@ -41,7 +41,7 @@ PAPER_DOI = "doi:10.3390/e24070882"
 #: Hub-ready folders of the weights that ship inside the package (``<model>.<tag>/model.safetensors``, fp16).
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Architectures with FER-2013 weights in :data:`WEIGHTS_DIR`; their ``.fer2013`` tag is the default tag.
-FER2013_SHIPPED = ("acsinet18",)
+FER2013_SHIPPED = ("coresnet18", "acsinet18")
 #: Tags whose weights were trained on grayscale faces. timm's ``PretrainedCfg`` has no field for it (an extra
 #: key would break timm's Hub loading), so models carry it as ``model.grayscale`` and as a recorded model arg,
 #: which timm's ``save_for_hf`` writes to ``config.json`` and ``hf-hub:`` loading passes back.
