@@ -120,7 +120,7 @@ def _ca_params(channels: int) -> int:
 def test_names_and_tags_registered():
     assert MODEL_NAMES == ["acsinet18", "acsinet34", "acsinet50", "coresnet18", "coresnet34", "coresnet50"]
     tags = [f"{n}.{t}" for n in MODEL_NAMES for t in ("rafdb", "affectnet7", "tv_in1k", "a1_in1k")]
-    assert MODEL_TAGS == sorted(tags + ["acsinet18.fer2013"])  # the FER-2013 weights that ship
+    assert MODEL_TAGS == sorted(tags + ["acsinet18.fer2013", "coresnet18.fer2013"])  # the FER-2013 weights that ship
     assert set(timm.list_pretrained(["coresnet*", "acsinet*"])) <= set(MODEL_TAGS)
 
 
