@@ -21,7 +21,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import timm
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from train_throughput import BASELINE, CLOCKS, interleaved, sync, train_step
+from train_throughput import BASELINE, CLOCKS, add_run_args, interleaved, prepare_run, sync, train_step
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
 
@@ -172,20 +172,11 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell; the median is reported")
     parser.add_argument("--min-time", type=float, default=0.25, help="seconds each measurement lasts at least")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or the process's CPU time")
+    add_run_args(parser)
     parser.add_argument("--plot", type=Path, default=Path("scaling_sweep.png"), help="PNG of the ratios")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
     args = parser.parse_args()
-    if BASELINE not in args.models:
-        args.models.insert(0, BASELINE)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    device, memory_format = prepare_run(args)
     torch.manual_seed(0)
     models = {
         name: timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=memory_format)

@@ -14,7 +14,7 @@ machine load hits every model alike; the median round is reported with its ratio
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
@@ -74,6 +74,24 @@ def interleaved(
     return times
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The options of every model-vs-resnet18 benchmark here: device, AMP, memory format, threads, clock."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or the process's CPU time")
+
+
+def prepare_run(args: argparse.Namespace) -> Tuple[torch.device, torch.memory_format]:
+    """Put the baseline among ``args.models``, set the thread count; the run's device and memory format."""
+    if BASELINE not in args.models:
+        args.models.insert(0, BASELINE)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device), torch.channels_last if args.channels_last else torch.contiguous_format
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[BASELINE, "coresnet18", "acsinet18"])
@@ -83,18 +101,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before measuring")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per model per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or the process's CPU time")
+    add_run_args(parser)
     args = parser.parse_args()
-    if BASELINE not in args.models:
-        args.models.insert(0, BASELINE)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    device, memory_format = prepare_run(args)
 
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
