@@ -24,6 +24,7 @@ from timm_acsi.cli import demo as demo_cli
 from timm_acsi.demo import (
     ImageTooLargeError,
     cam_tiles,
+    default_examples,
     error_message,
     import_gradio,
     predict_page,
@@ -222,6 +223,14 @@ def test_cli_defaults_bad_port_and_bad_model(tmp_path, capsys, monkeypatch):
             call()
 
 
+def test_example_photos_ship_inside_the_package():
+    """The examples live in the package (package_data), not in docs/, so an installed demo offers them too."""
+    examples = default_examples()
+    assert [p.name for p in examples] == ["astronauts.jpg", "cat.jpg"]
+    assert all(p.parent.parent.name == "demo" and p.parent.parent.parent.name == "timm_acsi" for p in examples)
+    assert [Image.open(p).size for p in examples] == [(800, 400), (451, 300)]
+
+
 def test_importing_the_demo_package_does_not_import_gradio():
     code = "import sys, timm_acsi.demo; print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -313,7 +322,7 @@ def test_page_in_headless_chromium(photo, result, tmp_path):
                 page.reload()
                 page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "broken.png"))
                 expect(page.locator("#message")).to_contain_text("Cannot read this file: broken.png")
-                page.locator("#examples img").nth(1).click()  # docs/images/demo_example_cat.jpg
+                page.locator("#examples img").nth(1).click()  # timm_acsi/demo/examples/cat.jpg
                 expect(page.locator("#message")).to_contain_text("No face found in this 451x300 image")
             finally:
                 browser.close()

@@ -85,7 +85,8 @@ def test_shipped_folder_is_a_hub_folder(arch):
 
 
 def test_wheel_holds_the_weights(tmp_path):
-    """``pip wheel .`` packs every shipped folder (package_data), so a plain install works offline."""
+    """``pip wheel .`` packs every shipped folder and the demo's examples (package_data), so a plain install
+    works offline."""
     cmd = [
         sys.executable,
         "-m",
@@ -108,5 +109,7 @@ def test_wheel_holds_the_weights(tmp_path):
     for arch in FER2013_SHIPPED:
         on_disk = (WEIGHTS_DIR / f"{arch}.fer2013" / "model.safetensors").stat().st_size
         assert sizes[f"timm_acsi/weights/{arch}.fer2013/model.safetensors"] == on_disk
+    # the demo's example photos, so `timm-acsi demo` from a plain install offers them
+    assert {"timm_acsi/demo/examples/astronauts.jpg", "timm_acsi/demo/examples/cat.jpg"} <= names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     assert all(n.startswith("timm_acsi") for n in names)

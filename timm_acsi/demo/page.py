@@ -43,8 +43,8 @@ __all__ = [
 
 #: The tags whose weights ship inside the package: always offered, they load offline.
 SHIPPED_TAGS = tuple(f"{m}.fer2013" for m in FER2013_SHIPPED)
-#: Example photos made for the project (in a checkout and in a Space; a wheel has none).
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "docs" / "images"
+#: Example photos that ship with the package (package data), offered under the photo input.
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 #: Uploads above this are refused by Gradio before they reach the model.
 MAX_FILE_SIZE = "50mb"
 INTRO = """\
@@ -85,8 +85,8 @@ def load_recognizers(
 
 
 def default_examples() -> List[Path]:
-    """The example photos shipped with the repository (``docs/images/demo_example*``), if there."""
-    return sorted(EXAMPLES_DIR.glob("demo_example*")) if EXAMPLES_DIR.is_dir() else []
+    """The example photos that ship with the package (``timm_acsi/demo/examples/``), in name order."""
+    return sorted(EXAMPLES_DIR.glob("*.jpg"))
 
 
 @dataclass
