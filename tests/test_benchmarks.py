@@ -52,6 +52,22 @@ def test_train_throughput_prints_every_model_with_its_ratio():
     assert rows["resnet18"][-1] == "1.000" and float(rows["coresnet18"][-1]) > 0
 
 
+def test_compile_speedup_times_each_model_eager_and_compiled():
+    """Every model gets an eager and a compiled time; the ratios to resnet18 are 1.000 for resnet18 itself."""
+    out = _script(
+        "compile_speedup.py", "--models", "resnet18", "coresnet18", "--img-size", "32", "--batch-size", "2",
+        "--warmup", "1", "--iters", "1", "--rounds", "1",
+    ).stdout  # fmt: skip
+    assert "batch 2 at 32x32" in out and "median of 1 interleaved rounds x 1 forwards" in out
+    header, *lines = out.splitlines()[1:]
+    assert header.split() == "model eager ms compiled ms compiled/eager eager x resnet18 compiled x resnet18".split()
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines}
+    assert set(rows) == {"resnet18", "coresnet18"}
+    assert rows["resnet18"][3:] == [1.0, 1.0]
+    for eager, compiled, ratio, *_ in rows.values():
+        assert eager > 0 and compiled > 0 and ratio > 0
+
+
 @pytest.fixture(scope="module")
 def profile_ops():
     spec = importlib.util.spec_from_file_location("profile_ops", BENCHMARKS / "profile_ops.py")
