@@ -2,6 +2,7 @@
 
 import json
 import sys
+from contextlib import nullcontext
 from typing import List
 
 import pytest
@@ -338,6 +339,27 @@ def test_measure_latency_compiles_in_the_warm_up(monkeypatch):
     fake.compiled.clear()
     assert not profiling.measure_latency(models, (1, 3, 32, 32), warmup=0, rounds=1, iters=1)["a"].compiled
     assert fake.compiled == []
+
+
+class _CallerCompiled(nn.Module):
+    """Stands for a model the caller passed through ``torch.compile``: it wraps the module as ``_orig_mod``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._orig_mod(x)
+
+
+def test_measure_latency_makes_room_for_graphs_of_models_the_caller_compiled(monkeypatch):
+    """benchmarks/compile_speedup.py times eager and compiled models side by side with ``compile=False``."""
+    limits = []
+    monkeypatch.setattr(profiling, "_compiled_graphs_limit", lambda on: limits.append(on) or nullcontext())
+    eager = nn.Conv2d(3, 4, 3)
+    profiling.measure_latency({"eager": eager}, (1, 3, 8, 8), warmup=0, rounds=1, iters=1)
+    profiling.measure_latency({"eager": eager, "compiled": _CallerCompiled(eager)}, (1, 3, 8, 8), warmup=0, rounds=1)
+    assert limits == [False, True]
 
 
 def test_cli_compile(monkeypatch, capsys, tmp_path):

@@ -727,7 +727,8 @@ def measure_latency(
 
     names = list(models)
     times: Dict[str, List[float]] = {n: [] for n in names}
-    with torch.inference_mode(), _compiled_graphs_limit(compile):
+    any_compiled = compile or any(_unwrap(m) is not m for m in models.values())  # or compiled by the caller
+    with torch.inference_mode(), _compiled_graphs_limit(any_compiled):
         for name in names:
             for _ in range(warmup):
                 runners[name](x)
@@ -744,7 +745,7 @@ def measure_latency(
 
 
 def _compiled_graphs_limit(compile: bool) -> ContextManager[Any]:
-    """Room for one compiled graph per model while compiled models are timed (nothing without ``compile``)."""
+    """Room for one compiled graph per model while compiled models are timed (nothing when none is)."""
     if not compile:
         return nullcontext()
     from torch._dynamo import config
