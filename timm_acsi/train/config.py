@@ -80,6 +80,13 @@ class TrainConfig:
     batch_size: int = _opt(32, "batch size per process (paper: 32 AffectNet, 16 RAF-DB)")
     accum_steps: int = _opt(1, "gradient accumulation steps per optimizer step")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    teacher: Optional[str] = _opt(
+        None,
+        "distil from these trained models (comma-separated sources: tag, checkpoint, run folder or Hub folder): "
+        "their mean probabilities on each training face and its mirror image, unaugmented, are its soft target",
+    )
+    distill_alpha: float = _opt(0.5, "with --teacher: weight of the soft targets in the loss (1 - it: the labels)")
+    distill_temperature: float = _opt(1.0, "with --teacher: temperature softening teacher and student outputs")
     amp: bool = _opt(False, "mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
     channels_last: bool = _opt(False, "channels-last memory format")
     compile: bool = _opt(
@@ -137,6 +144,9 @@ _LIMITS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "accum_steps": (lambda v: v >= 1, "at least 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.1)"),
+    "teacher": (lambda v: bool(v.strip(" ,")), "one or more model sources, comma-separated (e.g. coresnet18.fer2013)"),
+    "distill_alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (e.g. 0.5)"),
+    "distill_temperature": (lambda v: v > 0, "positive (e.g. 1 or 4)"),
     "workers": (lambda v: v >= 0, "at least 0"),
 }
 
@@ -259,10 +269,14 @@ def save_config(cfg: TrainConfig, path: PathLike) -> Path:
 
 #: Settings that change where or how a run is computed, not what it computes: left out of :func:`config_hash`.
 _UNHASHED = ("output", "compile")
+#: Settings that only matter with a teacher: hashed only then, so runs from before distillation keep their hash.
+_DISTILL = ("teacher", "distill_alpha", "distill_temperature")
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    """sha256 of the canonical JSON of the config, without ``output`` (a copied run keeps its hash) and
-    ``compile`` (the same run, compiled; runs from before the option keep their hash)."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in _UNHASHED}
+    """sha256 of the canonical JSON of the config, without ``output`` (a copied run keeps its hash),
+    ``compile`` (the same run, compiled) and, without a teacher, the distillation settings (runs from before
+    these options keep their hash)."""
+    unhashed = _UNHASHED + (() if cfg.teacher else _DISTILL)
+    values = {k: v for k, v in cfg.to_dict().items() if k not in unhashed}
     return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

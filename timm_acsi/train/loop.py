@@ -21,6 +21,7 @@ from ..checkpoint import save_checkpoint
 from ..data import build_dataset, create_fer_transform
 from ..metrics import compute_metrics, plot_confusion_matrix, save_metrics
 from .config import TrainConfig, config_hash, save_config
+from .distill import DistillationLoss, IndexedDataset, parse_teachers, teacher_log_probs
 from .distributed import (
     DistInfo,
     DistributedWeightedSampler,
@@ -99,6 +100,8 @@ class _Data:
     label_names: Tuple[str, ...]
     val_split: str
     name: str
+    train_set: Any  # the training faces without the loader's wrapping, for the teachers
+    eval_transform: Any
 
     @property
     def sampler(self):
@@ -127,6 +130,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
     updates_per_epoch = math.ceil(len(data.train_loader) / cfg.accum_steps)
     optimizer, scheduler = create_optimizer_and_scheduler(model, cfg, updates_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp and info.device.type == "cuda")
+    criterion = _criterion(
+        cfg, data, info, progress
+    )  # before the reseed: a teacher leaves the augmentations as they were
     seed_everything(cfg.seed + info.rank)  # distinct augmentation streams per rank
     state = _State() if point is None else _restore(point, cfg, info, model, optimizer, scheduler, scaler)
     if info.is_main:
@@ -142,7 +148,6 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
     if cfg.compile:  # only the training forward + backward; state dicts, validation and checkpoints use `model`
         train_model = torch.compile(train_model)
     meta_base = _checkpoint_description(cfg, data)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(state.epoch, cfg.epochs):
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
         if scheduler is not None:
@@ -195,7 +200,7 @@ def _load_data(cfg: TrainConfig, info: DistInfo) -> _Data:
     else:
         sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg.seed)
     train_loader = DataLoader(
-        train_set,
+        IndexedDataset(train_set) if cfg.teacher else train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,
@@ -209,7 +214,18 @@ def _load_data(cfg: TrainConfig, info: DistInfo) -> _Data:
         )
     val_loader = eval_loader(val_set, cfg.batch_size, cfg.workers, info)
     name = dataset_display_name(cfg.data, layout, cfg.dataset_name)
-    return _Data(train_loader, val_loader, label_names, val_split, name)
+    return _Data(train_loader, val_loader, label_names, val_split, name, train_set, eval_tf)
+
+
+def _criterion(cfg: TrainConfig, data: _Data, info: DistInfo, progress: bool) -> nn.Module:
+    """Cross-entropy on the labels; with a teacher, the distillation loss against its soft targets."""
+    if not cfg.teacher:
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    targets = teacher_log_probs(
+        parse_teachers(cfg.teacher), data.train_set, data.eval_transform, cfg.img_size, cfg.grayscale, info,
+        cfg.batch_size, cfg.workers, progress=progress and info.is_main, log=info.is_main,
+    )  # fmt: skip
+    return DistillationLoss(targets, cfg.distill_alpha, cfg.distill_temperature, cfg.label_smoothing).to(info.device)
 
 
 def _check_class_counts(train_set, val_set, val_split: str, cfg: TrainConfig) -> None:
@@ -275,6 +291,7 @@ def _checkpoint_description(cfg: TrainConfig, data: _Data) -> Dict[str, Any]:
         "grayscale": cfg.grayscale,
         "config_hash": config_hash(cfg),
         "dataset": data.name,
+        **({"teacher": parse_teachers(cfg.teacher)} if cfg.teacher else {}),
     }
 
 
@@ -410,7 +427,7 @@ def _train_one_epoch(
     bar = tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(batches(loader)):
+    for i, (x, y, *index) in enumerate(batches(loader)):  # index: the samples' positions, for soft targets
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -421,7 +438,7 @@ def _train_one_epoch(
         with sync:
             with autocast(info.device, cfg.amp):
                 logits = model(x)
-                loss = criterion(logits, y)
+                loss = criterion(logits, y, *index)
             scaler.scale(loss / group_size).backward()
         if step_now:
             lrs.append(optimizer.param_groups[0]["lr"])
