@@ -24,7 +24,8 @@ epochs, a step decay falls on epoch boundaries. Distributed runs are launched by
 exactly once (unpadded shards, confusion matrices summed across processes) and only rank 0 prints and writes.
 
 Modules: :mod:`.config` (settings), :mod:`.distributed` (processes and samplers), :mod:`.run_folder` (run
-folder and resume state), :mod:`.model` (model, optimizer, schedule), :mod:`.evaluation`, :mod:`.loop`.
+folder and resume state), :mod:`.model` (model, optimizer, schedule), :mod:`.distill` (teachers' soft targets),
+:mod:`.evaluation`, :mod:`.loop`.
 """
 
 from .config import TrainConfig, config_from_dict, config_hash, load_config_file, save_config
