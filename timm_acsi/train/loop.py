@@ -130,9 +130,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
     updates_per_epoch = math.ceil(len(data.train_loader) / cfg.accum_steps)
     optimizer, scheduler = create_optimizer_and_scheduler(model, cfg, updates_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp and info.device.type == "cuda")
-    criterion = _criterion(
-        cfg, data, info, progress
-    )  # before the reseed: a teacher leaves the augmentations as they were
+    # before the reseed, so that a teacher leaves the augmentation stream as it was
+    criterion = _criterion(cfg, data, info, progress)
     seed_everything(cfg.seed + info.rank)  # distinct augmentation streams per rank
     state = _State() if point is None else _restore(point, cfg, info, model, optimizer, scheduler, scaler)
     if info.is_main:
