@@ -16,11 +16,10 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..sources import LoadedModel, load_model
+from ..sources import TRAIN_PREPROCESSING, LoadedModel, load_model
 from .distributed import DistInfo
 from .evaluation import batches
 
@@ -118,7 +117,7 @@ def _teacher_columns(teacher: LoadedModel, label_names: Tuple[str, ...], img_siz
         found.append(f"it was trained on {'grayscale' if teacher.grayscale else 'colour'} faces, the run's are not")
     if cfg["input_size"][-1] != img_size:
         found.append(f"it takes {cfg['input_size'][-1]} px faces, the run {img_size} px")
-    if tuple(cfg["mean"]) != tuple(IMAGENET_DEFAULT_MEAN) or tuple(cfg["std"]) != tuple(IMAGENET_DEFAULT_STD):
+    if any(tuple(cfg[k]) != tuple(TRAIN_PREPROCESSING[k]) for k in ("mean", "std")):
         found.append(f"it normalises with mean {cfg['mean']} / std {cfg['std']}, the run with ImageNet's")
     missing = [n for n in label_names if n not in teacher.label_names]
     if missing:
