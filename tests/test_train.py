@@ -17,10 +17,11 @@ import pytest
 import timm
 import torch
 import yaml
-from fer_fixtures import make_folder_dataset, make_rafdb_dataset
+from fer_fixtures import make_fer2013_folders, make_folder_dataset, make_rafdb_dataset
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
+import timm_acsi
 from timm_acsi.checkpoint import read_checkpoint_meta, save_checkpoint
 from timm_acsi.cli import evaluate as evaluate_cli
 from timm_acsi.cli import run_command
@@ -580,6 +581,29 @@ def test_evaluate_refuses_flags_contradicting_the_checkpoint(run, capsys):
     reversed_names = ",".join(reversed(FER7_LABELS))
     assert run_command("evaluate", argv + ["--label-names", reversed_names]) == 2
     assert "drop label_names (--label-names)" in capsys.readouterr().err
+
+
+def test_evaluate_takes_run_folders_tags_and_hub_folders(run, tmp_path, monkeypatch, capsys):
+    """A run folder scores as its best.safetensors; the shipped tag, its Hub folder and that folder's bare weights
+    file with the facts spelled out all give one result on 48x48 gray FER-2013 faces."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, run_dir, metrics = run
+    assert evaluate_checkpoint(run_dir, cfg.data, split="val", workers=0) == metrics
+    fer = make_fer2013_folders(tmp_path / "fer2013", {"Training": 1, "PublicTest": 1, "PrivateTest": 3})
+    folder = Path(timm_acsi.__file__).parent / "weights" / "acsinet18.fer2013"
+    by_tag = evaluate_checkpoint("acsinet18.fer2013", fer, workers=0)
+    assert by_tag["num_samples"] == 21 and by_tag["label_names"] == list(FER7_LABELS)
+    assert evaluate_checkpoint(folder, fer, workers=0) == by_tag
+    assert evaluate_checkpoint(f"local-dir:{folder}", fer, workers=0) == by_tag
+    bare = dict(model_name="acsinet18", label_names=FER7_LABELS, img_size=48, resize=48)
+    assert evaluate_checkpoint(folder / "model.safetensors", fer, workers=0, **bare) == by_tag
+    argv = ["--checkpoint", "acsinet18.fer2013", "--data", str(fer), "--workers", "0", "--quiet"]
+    assert run_command("evaluate", argv + ["--model", "acsinet18", "--num-classes", "7"]) == 2
+    assert "--model and --num-classes describe a bare weights file; acsinet18.fer2013 describes itself." in (
+        capsys.readouterr().err
+    )
+    assert run_command("evaluate", ["--checkpoint", "acsinet18.rafdb"] + argv[2:]) == 2
+    assert "acsinet18.rafdb" in capsys.readouterr().err
 
 
 def test_evaluate_resizes_by_the_checkpoint_crop_pct(run, tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """``timm-acsi evaluate``: accuracy, mean-class accuracy, per-class accuracy and confusion matrix of a checkpoint.
 
 Model, classes, label order and preprocessing come from the checkpoint's description (``best.json`` next to
-``best.safetensors``, or its safetensors header); outputs are matched to the dataset's classes by name. A
-checkpoint without a description needs ``--model`` and ``--label-names`` (the order of its outputs).
+``best.safetensors``, or its safetensors header), or from the run folder, tag or Hub folder given instead;
+outputs are matched to the dataset's classes by name. A checkpoint without a description needs ``--model`` and
+``--label-names`` (the order of its outputs).
 """
 
 import argparse
@@ -20,7 +21,12 @@ from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, add_loader_args, key_value
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Evaluate a checkpoint on a split of a FER dataset.")
-    parser.add_argument("--checkpoint", required=True, help=".safetensors checkpoint (or .pth read without unpickling)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help=".safetensors checkpoint (or .pth read without unpickling), a run folder, a tag with weights "
+        "(acsinet18.fer2013), a Hub folder, local-dir:PATH or hf-hub:ORG/NAME",
+    )
     parser.add_argument("--data", required=True, help="dataset root")
     parser.add_argument("--split", default="test", help="train, val or test (default: test)")
     parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="dataset layout (default: auto)")
@@ -89,7 +95,8 @@ def main(argv: Sequence[str], prog: str = "timm-acsi evaluate") -> int:
         metrics_path, plot_path = outputs
         save_metrics(metrics_path, metrics)
         tta = " (flip TTA)" if args.tta_flip else ""
-        title = f"{Path(args.checkpoint).stem} on {metrics['dataset']} {metrics['split']}{tta}"
+        name = Path(args.checkpoint).stem if Path(args.checkpoint).is_file() else args.checkpoint
+        title = f"{name} on {metrics['dataset']} {metrics['split']}{tta}"
         plot_confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], plot_path, title)
         if not args.json:
             print(f"wrote {metrics_path} and {plot_path}")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint
 from ..data import build_dataset, create_fer_transform, detect_layout
 from ..metrics import compute_metrics, confusion_matrix
-from ..sources import build_model, resolve_description
+from ..sources import ModelDescription, build_model, load_model, resolve_description
 from .distributed import DistInfo, ShardSampler, all_sum, init_distributed
 from .model import autocast
 
@@ -142,33 +142,29 @@ def evaluate_checkpoint(
     dataset_name: Optional[str] = None,
     progress: bool = False,
 ) -> Dict[str, Any]:
-    """Evaluate a checkpoint on one split of a dataset; returns the ``metrics.json`` dict.
+    """Evaluate a checkpoint or trained model on one split of a dataset; returns the ``metrics.json`` dict.
 
+    ``checkpoint`` is a weights file, or any other model source :func:`~timm_acsi.sources.load_model` reads: a
+    run folder, a tag with weights (``acsinet18.fer2013``), a Hub folder, ``local-dir:`` or ``hf-hub:``.
     Architecture (with its ``model_args``), classes, label names and preprocessing (crop, and grayscale faces
-    for a model trained on them) come from the checkpoint's description, read by the rules every command uses
-    (:func:`~timm_acsi.sources.resolve_description`); arguments that contradict it raise. A checkpoint without
+    for a model trained on them) come from its description, read by the rules every command uses
+    (:func:`~timm_acsi.sources.resolve_description`); arguments that contradict it raise. A weights file without
     one needs ``model_name`` (and the ``model_args`` of a variant, e.g. ``{"attn_placement": "stage"}``) and
     ``label_names`` (the classes in the order of the model's outputs). Outputs are matched to the dataset's
-    classes by label *name*. ``resize`` defaults to ``round(img_size / crop_pct)`` with the checkpoint's
+    classes by label *name*. ``resize`` defaults to ``round(img_size / crop_pct)`` with the model's
     ``crop_pct`` (the recipe's 224 / 256 if it has none). Weights holding NaN/inf are refused.
     """
     _check_sizes(img_size=img_size, resize=resize, batch_size=batch_size, workers=workers)
-    state_dict, meta = load_checkpoint(checkpoint)
-    desc = resolve_description(
-        meta,
-        str(checkpoint),
-        architecture=model_name,
-        label_names=label_names,
-        model_args=model_args,
-        num_classes=num_classes,
-        state_dict=state_dict,
-    )
-    check_finite_weights(state_dict, checkpoint)
+    overrides = dict(model_name=model_name, model_args=model_args, num_classes=num_classes, label_names=label_names)
+    if Path(checkpoint).is_file():
+        model, desc = _load_weights_file(checkpoint, **overrides)
+    else:
+        model, desc = _load_model_source(str(checkpoint), overrides)
     img_size = img_size or desc.input_size[-1]
     resize = resize or round(img_size / desc.crop_pct)
 
     info = init_distributed(device)
-    model = build_model(desc, state_dict, str(checkpoint)).to(info.device)
+    model = model.to(info.device)
 
     transform = create_fer_transform(False, img_size=img_size, resize=resize, grayscale=desc.grayscale)
     dataset = build_dataset(data, split, layout, desc.num_classes, transform=transform, skip_unreadable=skip_unreadable)
@@ -190,3 +186,49 @@ def evaluate_checkpoint(
     )
     name = dataset_display_name(data, resolve_layout(data, layout), dataset_name)
     return compute_metrics(cm, dataset.label_names, name, split)
+
+
+#: evaluate_checkpoint's arguments that describe a bare weights file, and their command-line flags.
+_DESCRIPTION_FLAGS = {
+    "model_name": "--model",
+    "model_args": "--model-args",
+    "num_classes": "--num-classes",
+    "label_names": "--label-names",
+}
+
+
+def _load_weights_file(checkpoint: PathLike, **overrides: Any) -> Tuple[nn.Module, ModelDescription]:
+    """The model of a weights file and its description (from its meta, completed or checked by ``overrides``)."""
+    state_dict, meta = load_checkpoint(checkpoint)
+    desc = resolve_description(
+        meta,
+        str(checkpoint),
+        architecture=overrides["model_name"],
+        label_names=overrides["label_names"],
+        model_args=overrides["model_args"],
+        num_classes=overrides["num_classes"],
+        state_dict=state_dict,
+    )
+    check_finite_weights(state_dict, checkpoint)
+    return build_model(desc, state_dict, str(checkpoint)), desc
+
+
+def _load_model_source(source: str, overrides: Dict[str, Any]) -> Tuple[nn.Module, ModelDescription]:
+    """The model of a run folder, tag or Hub source, which all describe themselves, and the facts evaluation uses."""
+    given = [flag for name, flag in _DESCRIPTION_FLAGS.items() if overrides[name] is not None]
+    if given:
+        verb = "describes" if len(given) == 1 else "describe"
+        raise ValueError(f"{' and '.join(given)} {verb} a bare weights file; {source} describes itself.")
+    loaded = load_model(source)
+    check_finite_weights(loaded.model.state_dict(), source)
+    config = loaded.data_config
+    desc = ModelDescription(
+        architecture=loaded.architecture,
+        num_classes=len(loaded.label_names),
+        label_names=loaded.label_names,
+        model_args={},
+        input_size=tuple(config["input_size"]),
+        crop_pct=config["crop_pct"],
+        grayscale=loaded.grayscale,
+    )
+    return loaded.model, desc
