@@ -157,7 +157,7 @@ def evaluate_checkpoint(
     _check_sizes(img_size=img_size, resize=resize, batch_size=batch_size, workers=workers)
     overrides = dict(model_name=model_name, model_args=model_args, num_classes=num_classes, label_names=label_names)
     if Path(checkpoint).is_file():
-        model, desc = _load_weights_file(checkpoint, **overrides)
+        model, desc = _load_weights_file(checkpoint, overrides)
     else:
         model, desc = _load_model_source(str(checkpoint), overrides)
     img_size = img_size or desc.input_size[-1]
@@ -197,7 +197,7 @@ _DESCRIPTION_FLAGS = {
 }
 
 
-def _load_weights_file(checkpoint: PathLike, **overrides: Any) -> Tuple[nn.Module, ModelDescription]:
+def _load_weights_file(checkpoint: PathLike, overrides: Dict[str, Any]) -> Tuple[nn.Module, ModelDescription]:
     """The model of a weights file and its description (from its meta, completed or checked by ``overrides``)."""
     state_dict, meta = load_checkpoint(checkpoint)
     desc = resolve_description(
