@@ -166,6 +166,16 @@ def test_single_face_crop_with_the_none_detector(ckpts, face_crop):
     assert face.label == FER7_LABELS[int(expected.argmax())] and face.score == pytest.approx(expected.max())
 
 
+def test_the_default_model_is_the_shipped_acsinet18(astronaut):
+    """With no model named, the recognizer runs the FER-2013 ACSI-Net-18 weights that ship with the package."""
+    default, named = ExpressionRecognizer(), ExpressionRecognizer("acsinet18.fer2013")
+    assert default.backend.source == "acsinet18.fer2013" and default.backend.grayscale
+    faces, expected = default(astronaut), named(astronaut)
+    assert [f.box for f in faces] == [f.box for f in expected] == [(177, 67, 93, 93)]
+    assert faces[0].probabilities == expected[0].probabilities
+    assert faces[0].label == "happiness" and faces[0].score == pytest.approx(0.87, abs=0.005)
+
+
 def test_detected_face_is_classified_on_its_margin_crop(rec, ckpts, astronaut, face_crop):
     result = rec(astronaut)
     assert (result.width, result.height) == (512, 512)

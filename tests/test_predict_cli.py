@@ -204,6 +204,18 @@ def test_bad_arguments(model, photos, capsys):
         run(capsys, photos, "--model", model, "--every", "0")
 
 
+def test_without_model_the_shipped_acsinet18_recognises(photos, capsys):
+    """No --model: the shipped FER-2013 ACSI-Net-18, exactly as when it is named; onnxruntime needs its file."""
+    default = run(capsys, photos / "astronaut.png")
+    code, out, err = default
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:7] == [str(photos / "astronaut.png"), "-", "0", "177,67,93,93", "7.45",
+                                               "happiness", "0.87"]  # fmt: skip
+    assert default == run(capsys, photos / "astronaut.png", "--model", "acsinet18.fer2013")
+    code, _, err = run(capsys, photos / "astronaut.png", "--backend", "onnxruntime")
+    assert code == 2 and "--backend onnxruntime runs an exported model: pass --model FILE.onnx" in err
+
+
 def test_compile_runs_the_model_through_torch_compile(model, photos, monkeypatch, capsys):
     compiled = []
 

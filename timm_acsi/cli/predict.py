@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..extras import import_extra
 from ..inference import (
+    DEFAULT_MODEL,
     DETECTORS,
     VIDEO_SUFFIXES,
     ExpressionRecognizer,
@@ -54,9 +55,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or video files")
     parser.add_argument(
         "--model",
-        required=True,
         help="timm tag with weights, hf-hub:ORG/NAME, local-dir:PATH, a training checkpoint (.safetensors) or run "
-        "folder; with --backend onnxruntime an exported .onnx file",
+        f"folder (default: {DEFAULT_MODEL}, the shipped weights); with --backend onnxruntime an exported .onnx file",
     )
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="default: torch")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -306,7 +306,12 @@ def make_recognizer(args: argparse.Namespace) -> ExpressionRecognizer:
             load["model_args"] = dict(args.model_args)
         load = {k: v for k, v in load.items() if v is not None}
         return ExpressionRecognizer(
-            args.model, device=args.device, channels_last=args.channels_last, compile=args.compile, **common, **load
+            args.model or DEFAULT_MODEL,
+            device=args.device,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            **common,
+            **load,
         )
     from ..export.ort_backend import OnnxBackend
 
@@ -315,6 +320,8 @@ def make_recognizer(args: argparse.Namespace) -> ExpressionRecognizer:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse options that do not go together."""
+    if args.backend == "onnxruntime" and args.model is None:
+        raise ValueError("--backend onnxruntime runs an exported model: pass --model FILE.onnx (see timm-acsi export).")
     if args.backend == "onnxruntime" and args.cam:
         raise ValueError(
             "--cam needs the torch backend (attention maps come from the PyTorch model): drop --cam or the backend."

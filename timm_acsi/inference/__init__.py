@@ -5,7 +5,7 @@ backend runs without it."""
 from .detect import DETECTORS, Detection, FaceDetector, HaarFaceDetector, WholeImageDetector, create_detector
 from .draw import annotate, blend_heatmap, jet
 from .preprocess import Preprocessor, UnreadableImageError, load_image, square_box, to_rgb_array
-from .recognizer import ExpressionRecognizer, softmax
+from .recognizer import DEFAULT_MODEL, ExpressionRecognizer, softmax
 from .results import AttentionMap, FaceResult, ImageResult
 from .video import VIDEO_SUFFIXES, UnreadableVideoError, read_frames
 
@@ -24,6 +24,7 @@ __all__ = [
     "load_image",
     "square_box",
     "to_rgb_array",
+    "DEFAULT_MODEL",
     "ExpressionRecognizer",
     "softmax",
     "AttentionMap",

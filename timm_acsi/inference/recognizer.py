@@ -17,8 +17,10 @@ from .draw import blend_heatmap
 from .preprocess import ImageInput, Preprocessor, square_box, to_rgb_array
 from .results import AttentionMap, FaceResult, ImageResult
 
-__all__ = ["ExpressionRecognizer", "softmax"]
+__all__ = ["DEFAULT_MODEL", "ExpressionRecognizer", "softmax"]
 
+#: the model a recognizer (and ``timm-acsi predict``) uses when none is named: the shipped FER-2013 ACSI-Net-18
+DEFAULT_MODEL = "acsinet18.fer2013"
 Box = Tuple[int, int, int, int]
 ATTENTION_METHODS = ("cam", "gradcam")
 
@@ -36,7 +38,8 @@ class ExpressionRecognizer:
     Args:
         model: a model source (timm tag with weights, ``hf-hub:ORG/NAME``, ``local-dir:PATH``, a training
             checkpoint or run folder; see :func:`timm_acsi.sources.load_model`), a
-            :class:`~timm_acsi.sources.LoadedModel`, or a backend object (e.g. ``OnnxBackend``).
+            :class:`~timm_acsi.sources.LoadedModel`, or a backend object (e.g. ``OnnxBackend``). Default:
+            :data:`DEFAULT_MODEL`, the ACSI-Net-18 weights that ship with the package.
         detector: ``"haar"`` (default, OpenCV), ``"none"`` (each image is one face) or a callable
             ``RGB array -> list of Detection``.
         device: torch device for a model source (``"cpu"``, ``"cuda"``...).
@@ -51,7 +54,7 @@ class ExpressionRecognizer:
 
     def __init__(
         self,
-        model: Any,
+        model: Any = DEFAULT_MODEL,
         detector: Union[str, FaceDetector, Callable] = "haar",
         device: str = "cpu",
         margin: float = 0.2,
