@@ -87,6 +87,14 @@ class TrainConfig:
     )
     distill_alpha: float = _opt(0.5, "with --teacher: weight of the soft targets in the loss (1 - it: the labels)")
     distill_temperature: float = _opt(1.0, "with --teacher: temperature softening teacher and student outputs")
+    model_ema: bool = _opt(
+        False,
+        "keep an exponential moving average of the weights (timm's ModelEmaV3, updated after every optimizer step): "
+        "the average is what is validated, selected and saved",
+    )
+    model_ema_decay: float = _opt(
+        0.999, "with model_ema: decay per optimizer step (the average spans ~1/(1-decay) steps)"
+    )
     amp: bool = _opt(False, "mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
     channels_last: bool = _opt(False, "channels-last memory format")
     compile: bool = _opt(
@@ -147,6 +155,7 @@ _LIMITS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "teacher": (lambda v: bool(v.strip(" ,")), "one or more model sources, comma-separated (e.g. coresnet18.fer2013)"),
     "distill_alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (e.g. 0.5)"),
     "distill_temperature": (lambda v: v > 0, "positive (e.g. 1 or 4)"),
+    "model_ema_decay": (lambda v: 0 < v < 1, "in (0, 1) (e.g. 0.999)"),
     "workers": (lambda v: v >= 0, "at least 0"),
 }
 
@@ -271,12 +280,14 @@ def save_config(cfg: TrainConfig, path: PathLike) -> Path:
 _UNHASHED = ("output", "compile")
 #: Settings that only matter with a teacher: hashed only then, so runs from before distillation keep their hash.
 _DISTILL = ("teacher", "distill_alpha", "distill_temperature")
+#: Likewise the weight average's settings, hashed only when it is on.
+_EMA = ("model_ema", "model_ema_decay")
 
 
 def config_hash(cfg: TrainConfig) -> str:
     """sha256 of the canonical JSON of the config, without ``output`` (a copied run keeps its hash),
-    ``compile`` (the same run, compiled) and, without a teacher, the distillation settings (runs from before
-    these options keep their hash)."""
-    unhashed = _UNHASHED + (() if cfg.teacher else _DISTILL)
+    ``compile`` (the same run, compiled) and, without a teacher or weight average, their settings (runs from
+    before these options keep their hash)."""
+    unhashed = _UNHASHED + (() if cfg.teacher else _DISTILL) + (() if cfg.model_ema else _EMA)
     values = {k: v for k, v in cfg.to_dict().items() if k not in unhashed}
     return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -134,6 +135,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
     criterion = _criterion(cfg, data, info, progress)
     seed_everything(cfg.seed + info.rank)  # distinct augmentation streams per rank
     state = _State() if point is None else _restore(point, cfg, info, model, optimizer, scheduler, scaler)
+    ema = _create_ema(cfg, model, point, info)
+    eval_model = ema.module if ema is not None else model  # what is validated, selected and saved
     if info.is_main:
         _logger.info(
             f"Training {cfg.model} on {data.name} ({len(data.train_loader.dataset)} train / "
@@ -155,20 +158,24 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
         t0 = time.perf_counter()
         stats = _train_one_epoch(
             train_model, data.train_loader, criterion, optimizer, scaler, cfg, info, desc,
-            progress and info.is_main, scheduler, epoch * updates_per_epoch,
+            progress and info.is_main, scheduler, epoch * updates_per_epoch, ema,
         )  # fmt: skip
         sync_buffers(model, info)
-        entry = _validate(model, cfg, info, data, epoch, stats, t0)
+        if ema is not None:
+            sync_buffers(ema.module, info)
+        entry = _validate(eval_model, cfg, info, data, epoch, stats, t0)
         if scheduler is not None:
             scheduler.step(epoch + 1, entry[cfg.best_metric])  # epoch-stepped schedulers (plateau) only
-        improved = _record(state, entry, cfg.best_metric, model)
+        improved = _record(state, entry, cfg.best_metric, eval_model)
         rng = all_gather(rng_state(info.device), info)
         if info.is_main:
             if point is None and epoch == 0:  # the first epoch of a new run: only now is the folder replaced
                 clear_run_dir(run_dir)
-            _commit_epoch(run_dir, cfg, state, entry, improved, meta_base, model, optimizer, scheduler, scaler, rng)
+            _commit_epoch(
+                run_dir, cfg, state, entry, improved, meta_base, model, ema, optimizer, scheduler, scaler, rng
+            )
             _log_epoch(desc, entry, data.val_split, improved)
-    return _finish(model, cfg, info, data, state, run_dir)
+    return _finish(eval_model, cfg, info, data, state, run_dir)
 
 
 def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> Tuple[Path, Optional[ResumePoint]]:
@@ -271,6 +278,22 @@ def _restore(point: ResumePoint, cfg: TrainConfig, info: DistInfo, model, optimi
     return _State(point.epoch, point.best, point.best_epoch, point.best_weights, point.log)
 
 
+def _create_ema(
+    cfg: TrainConfig, model: nn.Module, point: Optional[ResumePoint], info: DistInfo
+) -> Optional[ModelEmaV3]:
+    """The moving average of ``model``'s weights if ``cfg.model_ema``: resumed from the run's saved average, or
+    started from the model's current weights (a new run, or a run that kept no average until now)."""
+    if not cfg.model_ema:
+        return None
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+    saved = point.state.get("model_ema") if point is not None else None
+    if saved is not None:
+        ema.module.load_state_dict(saved)
+    elif point is not None and info.is_main:
+        _logger.warning(f"{cfg.output} kept no weight average until epoch {point.epoch}: it starts from its weights.")
+    return ema
+
+
 def restore_scaler(scaler: torch.amp.GradScaler, saved: Optional[Dict[str, Any]]) -> None:
     """Load a saved GradScaler state into an enabled scaler. A run saved without AMP (or on the CPU) saved an
     empty state: the scaler then starts afresh, as settings changed on resume apply from there on."""
@@ -346,19 +369,21 @@ def _commit_epoch(
     improved: bool,
     meta_base: Dict[str, Any],
     model: nn.Module,
+    ema: Optional[ModelEmaV3],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     rng: List[Dict[str, Any]],
 ) -> None:
     """Write the epoch: log, config, checkpoints, then the resume state, which is the commit point (see
-    :func:`~timm_acsi.train.run_folder.load_resume_point` for a kill between these writes)."""
+    :func:`~timm_acsi.train.run_folder.load_resume_point` for a kill between these writes). With a weight
+    average, the checkpoints hold the average and the resume state both."""
     write_log(run_dir / "log.jsonl", state.log)
     save_config(cfg, run_dir / "config.yaml")
     meta = {**meta_base, "epoch": state.epoch, "metric": {"name": cfg.best_metric, "value": entry[cfg.best_metric]}}
     if improved:
         save_checkpoint(run_dir / "best.safetensors", state.best_weights, meta)
-    save_checkpoint(run_dir / "last.safetensors", model.state_dict(), meta)
+    save_checkpoint(run_dir / "last.safetensors", (ema.module if ema is not None else model).state_dict(), meta)
     resume_state = {
         "epoch": state.epoch,
         "best": state.best,
@@ -369,6 +394,7 @@ def _commit_epoch(
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "scaler": scaler.state_dict(),
         "rng": rng,
+        **({"model_ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}} if ema is not None else {}),
     }
     save_resume_state(run_dir / "last_state.pt", resume_state)
 
@@ -410,10 +436,12 @@ def _train_one_epoch(
     progress: bool,
     scheduler: Any = None,
     num_updates: int = 0,
+    ema: Optional[ModelEmaV3] = None,
 ) -> Dict[str, float]:
     """One pass over ``loader``; returns loss, accuracy, images/s over all ranks and the mean lr of its updates.
 
-    After each optimizer update the scheduler sets the lr of the next (``step_update``, as timm's train.py).
+    After each optimizer update the scheduler sets the lr of the next (``step_update``, as timm's train.py) and
+    ``ema`` (if any) takes in the new weights.
     Loss and accuracy accumulate on the device: the host waits for the device only when the progress bar
     redraws and at the end of the epoch, not at every batch.
     """
@@ -447,6 +475,8 @@ def _train_one_epoch(
             num_updates += 1
             if scheduler is not None:
                 scheduler.step_update(num_updates)
+            if ema is not None:
+                ema.update(model, step=num_updates)
         loss_sum += loss.detach().float() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         count += len(y)
