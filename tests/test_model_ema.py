@@ -13,9 +13,9 @@ import torch
 from fer_fixtures import make_folder_dataset
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
+from train_helpers import train_killed_in_epoch_2
 
 from timm_acsi.train import TrainConfig, config_hash, evaluate_checkpoint, train
-from timm_acsi.train import loop as train_loop
 
 TINY = dict(img_size=28, resize=32, batch_size=7, workers=0, epochs=2, lr=0.02, deterministic=True, sched="cosine")
 #: config_hash(TrainConfig()) before model_ema existed (tests/test_distill.py pins the same value)
@@ -76,23 +76,12 @@ def test_the_logged_validation_is_the_saved_average(ema_run):
     assert metrics["accuracy"] == log[-1]["val_acc"]
 
 
-def test_resume_restores_the_average_exactly(ema_run, tmp_path, monkeypatch):
+def test_resume_restores_the_average_exactly(ema_run, tmp_path):
     """Killed during epoch 2 and resumed: the average (and the raw weights) end bit-identical to the
     uninterrupted run's, so the average was saved and restored, not restarted."""
     cfg, run_dir, _ = ema_run
     out = tmp_path / "resumed"
-    calls, real = [], train_loop._train_one_epoch
-
-    def dies_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "_train_one_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(dataclasses.replace(cfg, output=str(out)), progress=False)
-    monkeypatch.setattr(train_loop, "_train_one_epoch", real)
+    train_killed_in_epoch_2(cfg, out)
     train(dataclasses.replace(cfg, output=str(out)), resume=True, progress=False)
     expected = torch.load(run_dir / "last_state.pt", weights_only=True)
     resumed = torch.load(out / "last_state.pt", weights_only=True)

@@ -20,6 +20,7 @@ import yaml
 from fer_fixtures import make_fer2013_folders, make_folder_dataset, make_rafdb_dataset
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
+from train_helpers import train_killed_in_epoch_2
 
 import timm_acsi
 from timm_acsi.checkpoint import read_checkpoint_meta, save_checkpoint
@@ -377,23 +378,12 @@ def test_cli_refuses_to_overwrite_a_run(run, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
 
-def test_resume_continues_exactly(run, tmp_path, monkeypatch):
+def test_resume_continues_exactly(run, tmp_path):
     """A run killed during epoch 2 and resumed ends bit-identical to the uninterrupted run (the lr changes
     at epoch 2, so the scheduler state matters too)."""
     cfg, run_dir, _ = run
     out = tmp_path / "resumed"
-    calls, real = [], train_loop._train_one_epoch
-
-    def dies_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "_train_one_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(dataclasses.replace(cfg, output=str(out)), progress=False)
-    monkeypatch.setattr(train_loop, "_train_one_epoch", real)
+    train_killed_in_epoch_2(cfg, out)
     assert read_checkpoint_meta(out / "last.safetensors")["epoch"] == 1
     assert run_command("train", ["--output", str(out), "--resume", "--quiet"]) == 0  # config from the folder
 
