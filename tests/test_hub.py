@@ -168,10 +168,22 @@ def test_model_card(published):
         f'model = timm.create_model("hf-hub:{REPO_ID}", pretrained=True).eval()',
         "cfg = timm.data.resolve_data_config({}, model=model)",
         'labels = model.pretrained_cfg["label_names"]',
+        'img = Image.open("face.jpg").convert("RGB")  # an aligned face crop',
         "doi:10.3390/e24070882",
     ):
         assert line in body, line
     assert "no plugin discovery" in body and "pypi.org" not in text  # not released yet: no dead link
+
+
+def test_model_card_feeds_a_grayscale_model_grayscale():
+    """The usage snippet of a grayscale model converts the face as the model was trained (L, replicated to RGB)."""
+    spec = hub.PublishSpec("acsinet18", 7, FER7_LABELS, {}, input_size=(3, 48, 48), crop_pct=1.0, grayscale=True)
+    body = hub.make_model_card(spec, REPO_ID, params=11_275_527, flops=0)
+    assert (
+        'img = Image.open("face.jpg").convert("L").convert("RGB")  # an aligned face crop, in grayscale as trained'
+        in body
+    )
+    assert 'img = Image.open("face.jpg").convert("RGB")' not in body
 
 
 def _lay_into_cache(folder: Path, cache: Path, repo_id: str) -> None:

@@ -76,6 +76,8 @@ def test_shipped_folder_is_a_hub_folder(arch):
     assert config["label_names"] == list(FER7_LABELS)
     card = (folder / "README.md").read_text()
     assert "PrivateTest" in card and "PublicTest" in card and "FER-2013" in card
+    assert '.convert("L").convert("RGB")  # an aligned face crop, in grayscale as trained' in card
+    assert f'timm.create_model("{arch}.fer2013",\npretrained=True)' in card  # the offline copy, named in the notes
     tag = timm.create_model(arch, pretrained=True).eval()
     hub = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     assert hub.grayscale is True and hub.pretrained_cfg["input_size"] == (3, 48, 48)

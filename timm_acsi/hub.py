@@ -264,7 +264,7 @@ def make_model_card(
         _card_label_order(spec),
         _card_results(spec, dataset, metrics) if metrics is not None else [],
         [notes.strip(), ""] if notes else [],
-        _card_usage(repo_id),
+        _card_usage(repo_id, spec.grayscale),
     ]
     return "\n".join(line for section in sections for line in section)
 
@@ -405,7 +405,13 @@ def _card_results(spec: PublishSpec, dataset: Optional[str], metrics: EvalMetric
     return lines
 
 
-def _card_usage(repo_id: str) -> List[str]:
+def _card_usage(repo_id: str, grayscale: bool = False) -> List[str]:
+    """Install and load snippet; a grayscale model is fed its face as grayscale replicated to RGB, as trained."""
+    face = (
+        '.convert("L").convert("RGB")  # an aligned face crop, in grayscale as trained'
+        if grayscale
+        else '.convert("RGB")  # an aligned face crop'
+    )
     return [
         "## Usage",
         "",
@@ -428,7 +434,7 @@ def _card_usage(repo_id: str) -> List[str]:
         "cfg = timm.data.resolve_data_config({}, model=model)",
         "transform = timm.data.create_transform(**cfg)",
         "",
-        'img = Image.open("face.jpg").convert("RGB")  # an aligned face crop',
+        f'img = Image.open("face.jpg"){face}',
         "with torch.no_grad():",
         "    probs = model(transform(img).unsqueeze(0)).softmax(dim=-1)[0]",
         'labels = model.pretrained_cfg["label_names"]',
