@@ -338,7 +338,7 @@ def test_page_in_headless_chromium(photo, result, tmp_path):
     remote = [u for u in requested if not u.startswith(("data:", "blob:")) and urlparse(u).hostname != "127.0.0.1"]
     assert not remote, f"the page requested {remote}"
     text = log.read_text()
-    assert "timm-acsi demo: 2 models loaded in" in text and "coresnet18.fer2013, acsinet18.fer2013" in text
+    assert "timm-acsi demo: 2 models loaded in" in text and "acsinet18.fer2013, coresnet18.fer2013" in text
     assert f"http://127.0.0.1:{port}" in text
 
 

@@ -35,7 +35,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="a model to offer (repeatable; the first is preselected): timm tag with weights, hf-hub:ORG/NAME, "
         "local-dir:PATH, a training checkpoint (.safetensors), a run folder or an exported .onnx file. The shipped "
-        "tags (acsinet18.fer2013) are always offered",
+        "tags (acsinet18.fer2013, preselected without --model, and coresnet18.fer2013) are always offered",
     )
     parser.add_argument(
         "--detector",

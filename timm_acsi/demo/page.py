@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from PIL import Image
 
 from ..extras import import_extra
-from ..inference import ExpressionRecognizer, ImageResult, annotate
+from ..inference import DEFAULT_MODEL, ExpressionRecognizer, ImageResult, annotate
 from ..models.coresnet import FER2013_SHIPPED
 from .render import (
     cam_tiles,
@@ -41,8 +41,9 @@ __all__ = [
     "launch",
 ]
 
-#: The tags whose weights ship inside the package: always offered, they load offline.
-SHIPPED_TAGS = tuple(f"{m}.fer2013" for m in FER2013_SHIPPED)
+#: The tags whose weights ship inside the package: always offered, they load offline. The predictor's default
+#: model comes first, so it is the one preselected when no ``--model`` is given.
+SHIPPED_TAGS = tuple(sorted((f"{m}.fer2013" for m in FER2013_SHIPPED), key=lambda tag: tag != DEFAULT_MODEL))
 #: Example photos that ship with the package (package data), offered under the photo input.
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 #: Uploads above this are refused by Gradio before they reach the model.
