@@ -25,6 +25,7 @@ from timm_acsi.inference import (
     load_image,
     read_frames,
     square_box,
+    to_rgb_array,
 )
 from timm_acsi.inference.cam import class_activation_maps, grad_cam
 from timm_acsi.sources import load_model
@@ -242,10 +243,42 @@ def test_inputs_paths_pil_and_gray_arrays(rec, tmp_path, astronaut):
     by_path = rec(str(path))
     assert by_path.source == str(path) and by_path[0].box == ASTRONAUT_FACE
     assert rec(Image.fromarray(astronaut))[0].probabilities == by_path[0].probabilities
-    assert rec(astronaut[:, :, 0], boxes=[ASTRONAUT_FACE])[0].box == ASTRONAUT_FACE
+    gray = astronaut[:, :, 0]
+    by_gray = rec(gray, boxes=[ASTRONAUT_FACE])[0]
+    assert by_gray.box == ASTRONAUT_FACE
+    assert by_gray.probabilities == rec(np.repeat(gray[:, :, None], 3, axis=2), boxes=[ASTRONAUT_FACE])[0].probabilities
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(UnreadableImageError, match="bad.png is not a readable image"):
         load_image(tmp_path / "bad.png")
+
+
+def test_pil_images_are_read_as_their_files_are(rec, tmp_path, astronaut):
+    """EXIF orientation and 16-bit/float pixels: a PIL image gives the pixels of the same picture read from a file."""
+    upright = astronaut[:400]  # not square, so a missed rotation shows in the shape
+    rotated = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 8  # orientation: stored turned 90 degrees clockwise; readers turn it back
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=-1))).save(rotated, exif=exif, quality=95)
+    with Image.open(rotated) as img:
+        pixels = to_rgb_array(img)
+    np.testing.assert_array_equal(pixels, load_image(rotated))
+    assert pixels.shape == upright.shape and np.abs(pixels.astype(int) - upright).mean() < 3  # JPEG noise only
+    deep = np.array([[0, 256, 32768, 65535]], dtype=np.uint16).repeat(2, axis=0)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as img:
+        assert to_rgb_array(img)[0, :, 0].tolist() == [0, 1, 128, 255]
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert floats.mode == "F" and to_rgb_array(floats)[0, :, 0].tolist() == [0, 128, 255]
+    with pytest.raises(ValueError, match=r"got uint16: scale them to 0..255 first, e.g. \(a >> 8\)"):
+        to_rgb_array(deep)
+
+
+def test_boxes_outside_the_image_are_refused(rec, astronaut):
+    h, w = astronaut.shape[:2]
+    for box in ([w, 0, 50, 50], [0, h + 5, 50, 50], [-60, 10, 50, 50]):
+        with pytest.raises(ValueError, match=rf"Face box \[.*\] .* lies outside the {w}x{h} image"):
+            rec(astronaut, boxes=[box])
+    assert rec(astronaut, boxes=[[-10, -10, 60, 60]])[0].crop_box[:2] == (0, 0)  # overlapping: clipped, kept
 
 
 class NumpyBackend:

@@ -18,6 +18,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from ..imaging import to_rgb_image
 from ..labels import canonical_label, label_names_for
 
 _logger = logging.getLogger(__name__)
@@ -122,20 +123,11 @@ def _unreadable_message(path: Path, err: Any) -> str:
     )
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of ``img``; 16- and 32-bit grayscale is rescaled to 8 bits (PIL's convert would clip it to white)."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        bits = 16 if img.mode.startswith("I;16") else 32
-        values = np.asarray(img).astype(np.int64).clip(0, None)
-        img = Image.fromarray((values >> (bits - 8)).astype(np.uint8), mode="L")
-    return img.convert("RGB")
-
-
 def _load_rgb(path: Path, box: Optional[Box] = None) -> Image.Image:
     """Open ``path`` fully decoded as RGB, cropped to ``box`` if given; PIL errors name the file."""
     try:
         with Image.open(path) as img:
-            img = _to_rgb(img)  # decodes the whole image, so truncation fails here, not in a transform
+            img = to_rgb_image(img)  # decodes the whole image, so truncation fails here, not in a transform
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImageError(_unreadable_message(path, e)) from e
     return img.crop(box) if box is not None else img

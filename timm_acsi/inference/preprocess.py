@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..imaging import to_rgb_image
+
 __all__ = ["ImageInput", "UnreadableImageError", "load_image", "to_rgb_array", "Preprocessor", "square_box"]
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -38,20 +40,31 @@ def load_image(path: Union[str, Path]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+            return _pil_to_rgb_array(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UnreadableImageError(f"{path} is not a readable image ({type(e).__name__}: {e}).") from e
 
 
+def _pil_to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Upright (EXIF orientation), 8-bit RGB: as a file of the same picture would be read."""
+    return np.asarray(to_rgb_image(ImageOps.exif_transpose(img)))
+
+
 def to_rgb_array(image: ImageInput) -> np.ndarray:
-    """A path, PIL image or array (``[H, W]`` gray or ``[H, W, 3]`` RGB, ``uint8``) as an RGB ``uint8`` array."""
+    """A path, PIL image or array (``[H, W]`` gray or ``[H, W, 3]`` RGB, ``uint8``) as an RGB ``uint8`` array.
+
+    PIL images are turned upright by their EXIF orientation and high-bit-depth ones rescaled to 8 bits, exactly
+    as the same picture read from a file."""
     if isinstance(image, (str, Path)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return _pil_to_rgb_array(image)
     array = np.asarray(image)
     if array.dtype != np.uint8:
-        raise ValueError(f"Image arrays must be uint8 (0..255), got {array.dtype}: convert with .astype(np.uint8).")
+        raise ValueError(
+            f"Image arrays must be uint8 (0..255), got {array.dtype}: scale them to 0..255 first, e.g. "
+            "(a >> 8).astype(np.uint8) for 16-bit values, (a * 255).round().astype(np.uint8) for floats in [0, 1]."
+        )
     if array.ndim == 2:
         return np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim == 3 and array.shape[2] == 3:
