@@ -136,10 +136,17 @@ class ExpressionRecognizer:
         if boxes is None:
             return list(self.detector(image))
         found = []
+        height, width = image.shape[:2]
         for box in boxes:
             if len(box) != 4 or min(box[2:]) <= 0:
                 raise ValueError(f"A face box is x, y, width, height with width, height > 0; got {list(box)}.")
-            found.append(Detection(tuple(int(v) for v in box), None))
+            x, y, w, h = (int(v) for v in box)
+            if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+                raise ValueError(
+                    f"Face box {[x, y, w, h]} (x, y, width, height) lies outside the {width}x{height} image: "
+                    "boxes are in the image's pixel coordinates."
+                )
+            found.append(Detection((x, y, w, h), None))
         return found
 
     def _classify(
