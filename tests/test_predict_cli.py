@@ -16,6 +16,7 @@ from skimage import data as skdata
 from timm_acsi import FER7_LABELS
 from timm_acsi.checkpoint import save_checkpoint
 from timm_acsi.cli import main as cli_main
+from timm_acsi.cli import predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,7 +94,16 @@ def test_folder_table_json_csv_and_pictures(model, photos, tmp_path, capsys):
 
     rows = list(csv.reader(out_csv.open()))
     assert rows[0] == CSV_HEADER and len(rows) == 3
-    assert rows[1][:8] == [str(photos / "astronaut.png"), "", "0", "177", "67", "93", "93", rows[1][7]]
+    assert rows[1][:8] == [
+        str(photos / "astronaut.png"),
+        "",
+        "0",
+        "177",
+        "67",
+        "93",
+        "93",
+        str(face["detection_score"]),
+    ]
     assert [float(v) for v in rows[1][10:]] == list(face["probabilities"].values())
     assert rows[2][0].endswith("chelsea.jpg") and set(rows[2][1:]) == {""}
 
@@ -193,7 +203,35 @@ def test_none_detector_and_checkpoint_without_description(model, photos, capsys)
     assert out.splitlines()[1].split()[:5] == [str(photos / "astronaut.png"), "-", "0", "0,0,512,512", "1.00"]
 
 
+def test_outputs_never_replace_inputs(model, photos, tmp_path, capsys):
+    """--annotate into the input's own folder would write over the photo: refused even with --overwrite."""
+    photo = tmp_path / "a.png"
+    photo.write_bytes((photos / "astronaut.png").read_bytes())
+    before = photo.read_bytes()
+    for extra in ((), ("--overwrite",)):
+        code, _, err = run(capsys, photo, "--model", model, "--annotate", tmp_path, *extra)
+        assert code == 2 and f"the outputs would replace input file {photo}: write --annotate" in err
+    code, _, err = run(capsys, tmp_path, "--model", model, "--annotate", tmp_path.parent, "--overwrite")
+    assert code == 2 and "would replace input file" in err  # the folder's own name is the output subfolder
+    (tmp_path / "a_face0.png").write_bytes(b"mine")
+    code, _, err = run(capsys, photo, tmp_path / "a_face0.png", "--model", model, "--cam", tmp_path, "--overwrite")
+    assert code == 2 and "a_face0.png" in err and (tmp_path / "a_face0.png").read_bytes() == b"mine"
+    assert photo.read_bytes() == before
+
+
+def test_output_names_stay_unique_next_to_numbered_inputs(tmp_path):
+    """a-2.jpg, a.jpg and a.png: the second "a" must not take a-2, the first file's own name."""
+    for name in ("a-2.jpg", "a.jpg", "a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    items, _ = predict.collect_inputs([str(tmp_path / n) for n in ("a-2.jpg", "a.jpg", "a.png", "b.jpg")])
+    assert [str(i.name) for i in items] == ["a-2", "a", "a-3", "b"]
+    items, _ = predict.collect_inputs([str(tmp_path / n) for n in ("a.jpg", "a.png", "a-2.jpg")])
+    assert [str(i.name) for i in items] == ["a", "a-3", "a-2"]
+
+
 def test_bad_arguments(model, photos, capsys):
+    code, _, err = run(capsys, photos, "--model", "exported.onnx")
+    assert code == 2 and "exported.onnx is an exported ONNX model: run it with --backend onnxruntime" in err
     code, _, err = run(capsys, photos, "--model", "model.onnx", "--backend", "onnxruntime", "--cam", "out")
     assert code == 2 and "--cam needs the torch backend" in err
     code, _, err = run(capsys, photos, "--model", "model.onnx", "--backend", "onnxruntime", "--compile")
@@ -260,7 +298,8 @@ def test_missing_extra_is_one_line_before_the_model_loads(
     (tmp_path / "clip.avi").write_bytes(b"RIFF never read")
     inputs = [photos / "astronaut.png"] + ([tmp_path / "clip.avi"] if video else [])
     monkeypatch.setitem(sys.modules, blocked, None)  # any import of it now fails
-    code, out, err = run(capsys, *inputs, "--model", tmp_path / "no-such-model.onnx", *argv)
+    model = tmp_path / ("no-such-model.onnx" if "onnxruntime" in argv else "no-such-model.safetensors")
+    code, out, err = run(capsys, *inputs, "--model", model, *argv)
     assert (code, out, err) == (2, "", f"timm-acsi predict: error: {message}\n")
 
 

@@ -10,10 +10,11 @@ module level: ``--backend onnxruntime`` runs without it.
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 from tqdm import tqdm
 
@@ -84,7 +85,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "--margin", type=float, default=0.2, help="crop margin around each face box, as a fraction (default: 0.2)"
     )
     parser.add_argument(
-        "--min-face", type=positive_int, default=24, help="skip faces smaller than this, in pixels (default: 24)"
+        "--min-face",
+        type=positive_int,
+        default=24,
+        help="skip faces smaller than this, in pixels (default: 24; the Haar cascade's 24 px window finds no smaller "
+        "face, so a lower value only matters with --detector none)",
     )
     parser.add_argument("--every", type=positive_int, default=1, help="video: every N-th frame (default: 1)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -128,13 +133,18 @@ def _is_video(path: Path) -> bool:
 
 
 def _unique_names(items: List[Item]) -> List[Item]:
-    """Output names without suffix, made unique (``-2``, ``-3``...) so no output overwrites another."""
-    seen: Dict[Path, int] = {}
+    """Output names without suffix, made unique (``-2``, ``-3``...) so no output overwrites another, also when
+    an input's own name looks like a numbered one (``a-2.jpg``, ``a.jpg``, ``a.png``)."""
+    used = {item.name.with_suffix("") for item in items}
+    taken: Set[Path] = set()
     unique = []
     for item in items:
-        stem = item.name.with_suffix("")
-        seen[stem] = seen.get(stem, 0) + 1
-        name = stem if seen[stem] == 1 else stem.with_name(f"{stem.name}-{seen[stem]}")
+        stem = name = item.name.with_suffix("")
+        n = 1
+        while name in taken or (name != stem and name in used):
+            n += 1
+            name = stem.with_name(f"{stem.name}-{n}")
+        taken.add(name)
         unique.append(Item(item.path, name, item.video))
     return unique
 
@@ -152,6 +162,24 @@ def existing_outputs(args: argparse.Namespace, items: Sequence[Item]) -> List[st
             else:
                 found += [str(p) for p in out.parent.glob(pattern.format(_glob_escape(out.name)))]
     return found
+
+
+def outputs_over_inputs(args: argparse.Namespace, items: Sequence[Item]) -> List[str]:
+    """Input files that an output of this run would replace: refused even with ``--overwrite``."""
+    inputs = {item.path.resolve(): item for item in items}
+    planned = [Path(f) for f in (args.json, args.csv) if f]
+    if args.annotate:
+        planned += [
+            Path(args.annotate) / item.name.with_name(item.name.name + ".png") for item in items if not item.video
+        ]
+    hits = [str(inputs[p.resolve()].path) for p in planned if p.resolve() in inputs]
+    if args.cam:
+        prefixes = {(Path(args.cam) / item.name).resolve() for item in items}
+        for path in inputs:
+            match = re.fullmatch(r"(.*)_face\d+\.png", path.name)
+            if match and path.with_name(match.group(1)) in prefixes:
+                hits.append(str(inputs[path].path))
+    return hits
 
 
 def _glob_escape(text: str) -> str:
@@ -320,6 +348,8 @@ def make_recognizer(args: argparse.Namespace) -> ExpressionRecognizer:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse options that do not go together."""
+    if args.backend == "torch" and args.model and args.model.lower().endswith(".onnx"):
+        raise ValueError(f"{args.model} is an exported ONNX model: run it with --backend onnxruntime.")
     if args.backend == "onnxruntime" and args.model is None:
         raise ValueError("--backend onnxruntime runs an exported model: pass --model FILE.onnx (see timm-acsi export).")
     if args.backend == "onnxruntime" and args.cam:
@@ -357,6 +387,13 @@ def readable_inputs(args: argparse.Namespace) -> Tuple[List[Item], List[Tuple[st
         print(f"skipped: {text}: {reason}", file=sys.stderr)
     if not items:
         raise ValueError("nothing to read: " + "; ".join(f"{t}: {r}" for t, r in missing))
+    over = outputs_over_inputs(args, items)
+    if over:
+        shown = ", ".join(over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3 else "")
+        raise ValueError(
+            f"the outputs would replace input file{'s' * (len(over) > 1)} {shown}: write --annotate/--cam/--json/--csv "
+            "to another folder or file."
+        )
     existing = existing_outputs(args, items)
     if existing and not args.overwrite:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
