@@ -250,6 +250,9 @@ def test_cli_errors(checkpoint, exported, tmp_path, capsys):
         f"timm-acsi export: error: {exported} exists: pass another output, or overwrite=True (--overwrite) to "
         "replace it.\n"
     )
+    with pytest.raises(SystemExit):  # argparse: "--batch-size: must be a positive integer", before any model loads
+        cli_main(["export", "--model", str(checkpoint), "--output", str(tmp_path / "b.onnx"), "--batch-size", "-1"])
+    assert "--batch-size" in capsys.readouterr().err
     missing = tmp_path / "none.safetensors"
     assert cli_main(["export", "--model", str(missing), "--output", str(tmp_path / "a.onnx")]) == 2
     assert capsys.readouterr().err.startswith("timm-acsi export: error: No such checkpoint")
@@ -305,6 +308,22 @@ def test_backend_matches_torch_and_checks_batches(exported, checkpoint):
     expected = r"takes batches of shape \['batch', 3, 'height', 'width'\].*got \[3, 96, 80\]"
     with pytest.raises(ValueError, match=expected):
         backend(x[0].numpy())
+
+
+def test_fixed_batch_export_takes_any_number_of_faces(tmp_path):
+    """A graph exported with --batch-size 2 runs 5 faces as chunks of 2 (the last one zero-padded), as PyTorch does."""
+    model = _model("coresnet18", 32, fc_scale=100.0)
+    result = export_onnx(model, tmp_path / "b2.onnx", label_names=FER7_LABELS, exporter="torchscript", batch_size=2)
+    backend = OnnxBackend(result.path)
+    assert backend.input_shape == (2, 3, 32, 32)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for n in (1, 2, 5):
+        np.testing.assert_allclose(backend(x[:n].numpy()), ref[:n], atol=1e-4, rtol=0)
+    assert backend(x[:0].numpy()).shape == (0, 7)
+    with pytest.raises(ValueError, match=r"takes batches of shape \[2, 3, 32, 32\].*got \[5, 3, 48, 48\]"):
+        backend(np.zeros((5, 3, 48, 48), np.float32))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 from ..extras import import_extra
-from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names
+from ._args import LABEL_NAMES_HELP, MODEL_ARGS_HELP, key_value, label_names, positive_int
 
 EXAMPLES = """examples:
   timm-acsi export --model runs/acsinet18-fer2013 --output acsinet18.onnx
@@ -29,7 +29,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model source: tag, hf-hub:ORG/NAME, local-dir:PATH, checkpoint, run")
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--dynamic-size", action="store_true", help="free input height and width (default: fixed)")
-    p.add_argument("--batch-size", type=int, help="fix the batch axis to this size (default: free)")
+    p.add_argument("--batch-size", type=positive_int, help="fix the batch axis to this size (default: free)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--fp16", action="store_true", help="float16 graph: half the file; for GPU execution providers")
     p.add_argument(

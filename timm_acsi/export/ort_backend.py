@@ -106,22 +106,42 @@ class OnnxBackend:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Logits ``float32 [N, num_classes]`` of a preprocessed ``float32 [N, C, H, W]`` batch.
 
+        A graph exported with a fixed batch size (``export --batch-size B``) takes any ``N``: the batch runs in
+        chunks of ``B``, the last one zero-padded (the padding's logits are dropped).
+
         Raises:
             ValueError: a batch of another rank, channel count, or (for a fixed-size export) height/width.
         """
         batch = np.asarray(batch)
-        if batch.ndim != 4 or not all(_fits(axis, n) for axis, n in zip(self.input_shape, batch.shape)):
+        if batch.ndim != 4 or not all(_fits(axis, n) for axis, n in zip(self.input_shape[1:], batch.shape[1:])):
             raise ValueError(
                 f"{self.path} takes batches of shape {list(self.input_shape)} (names are free axes), got "
                 f"{list(batch.shape)}: preprocess the faces to its data_config first."
             )
         feed = batch.astype(_NUMPY_DTYPES[self.metadata.dtype], copy=False)
+        fixed = self.input_shape[0]
+        if not isinstance(fixed, int) or fixed == len(feed):
+            return self._run(feed)
+        chunks = [feed[i : i + fixed] for i in range(0, len(feed), fixed)]
+        logits = [self._run(_pad(chunk, fixed))[: len(chunk)] for chunk in chunks]
+        return np.concatenate(logits) if logits else np.zeros((0, len(self.label_names)), np.float32)
+
+    def _run(self, feed: np.ndarray) -> np.ndarray:
         (logits,) = self._session.run(None, {self._input.name: feed})
         return logits.astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
         m: OnnxMetadata = self.metadata
         return f"{type(self).__name__}({self.path!r}, {m.architecture}, {len(self.label_names)} classes, {m.dtype})"
+
+
+def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+    """``batch`` zero-padded along its first axis to ``size``."""
+    return (
+        np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
+        if len(batch) < size
+        else batch
+    )
 
 
 def _fits(axis: Union[int, str, None], n: int) -> bool:
