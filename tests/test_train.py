@@ -46,6 +46,7 @@ from timm_acsi.train import (
 )
 from timm_acsi.train import evaluation as train_evaluation
 from timm_acsi.train import loop as train_loop
+from timm_acsi.train.model import load_scheduler_state, scheduler_state
 
 LOG_KEYS = {
     "epoch",
@@ -399,6 +400,31 @@ def test_resume_continues_exactly(run, tmp_path):
 
     assert results(out / "log.jsonl") == results(run_dir / "log.jsonl")
     assert json.loads((out / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_plateau_resume_keeps_its_lr_and_counters(dataset, tmp_path):
+    """A plateau schedule's lr is state, not a function of the step: a run killed in epoch 2 resumes at the lr
+    its warm-up reached (not the warm-up's start again) and ends as the uninterrupted run."""
+    cfg = _cfg(dataset, tmp_path / "whole", sched="plateau", epochs=3, warmup_epochs=1, warmup_lr=0.001)
+    train(cfg, progress=False)
+    out = tmp_path / "resumed"
+    train_killed_in_epoch_2(cfg, out)
+    assert run_command("train", ["--output", str(out), "--resume", "--quiet"]) == 0
+    whole, resumed = _log_results(tmp_path / "whole" / "log.jsonl"), _log_results(out / "log.jsonl")
+    assert [e["lr"] for e in whole] == pytest.approx([0.001, 0.02, 0.02])
+    assert resumed == whole
+
+
+def test_plateau_state_round_trip_keeps_the_counters():
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(sched="plateau", epochs=10)
+    _, scheduler = create_optimizer_and_scheduler(model, cfg)
+    for epoch, metric in enumerate([0.5, 0.4, 0.4], start=1):
+        scheduler.step(epoch, metric)
+    saved = scheduler_state(scheduler)
+    _, fresh = create_optimizer_and_scheduler(model, cfg)
+    load_scheduler_state(fresh, saved)
+    assert (fresh.lr_scheduler.best, fresh.lr_scheduler.num_bad_epochs, fresh.lr_scheduler.last_epoch) == (0.5, 2, 3)
 
 
 def _log_results(path: Path):

@@ -34,7 +34,14 @@ from .distributed import (
     sync_buffers,
 )
 from .evaluation import batches, dataset_display_name, eval_loader, evaluate, resolve_layout
-from .model import autocast, check_model_source, create_model, create_optimizer_and_scheduler
+from .model import (
+    autocast,
+    check_model_source,
+    create_model,
+    create_optimizer_and_scheduler,
+    load_scheduler_state,
+    scheduler_state,
+)
 from .run_folder import (
     ResumePoint,
     clear_run_dir,
@@ -259,13 +266,17 @@ def _restore(point: ResumePoint, cfg: TrainConfig, info: DistInfo, model, optimi
     model.load_state_dict(state["model"])
     # Optimizer: the saved buffers (momentum...), with cfg's hyper-parameters. Scheduler: rebuilt from cfg
     # (timm's schedules are functions of their arguments and the step; a saved one would bring back the old
-    # epochs, decay...), only a plateau scheduler's state (best metric so far) carries over.
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    # epochs, decay...). A plateau schedule is the exception: its lr is not a function of the step but where its
+    # decays have brought it, so the saved lr and plateau state (best metric, patience and cooldown counters) carry
+    # over.
+    plateau = cfg.sched == "plateau" and state.get("sched") == "plateau"
+    kept = ("params", "lr") if plateau else ("params",)
+    hyper = [{k: v for k, v in group.items() if k not in kept} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     for group, values in zip(optimizer.param_groups, hyper):
         group.update(values)
-    if cfg.sched == "plateau" and state.get("sched") == "plateau":
-        scheduler.load_state_dict(state["scheduler"])
+    if plateau:
+        load_scheduler_state(scheduler, state["scheduler"])
     restore_scaler(scaler, state.get("scaler"))
     rng = state["rng"]
     if len(rng) == info.world_size:
@@ -391,7 +402,7 @@ def _commit_epoch(
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "sched": cfg.sched,
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "scheduler": scheduler_state(scheduler),
         "scaler": scaler.state_dict(),
         "rng": rng,
         **({"model_ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}} if ema is not None else {}),

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from timm.models import get_arch_pretrained_cfgs, resolve_pretrained_cfg, split_model_name_tag
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2
 
 from ..checkpoint import load_checkpoint, load_weights
 from ..labels import check_label_names, label_names_for
@@ -142,6 +142,24 @@ def create_optimizer_and_scheduler(
         updates_per_epoch=updates_per_epoch,
     )
     return optimizer, scheduler
+
+
+def scheduler_state(scheduler: Any) -> Dict[str, Any]:
+    """What a resume needs of ``scheduler``: timm's state; for plateau, torch's whole ``ReduceLROnPlateau`` state
+    (best metric, patience and cooldown counters), which timm's own ``state_dict`` leaves out."""
+    if scheduler is None:
+        return {}
+    if isinstance(scheduler, PlateauLRScheduler):
+        return {"reduce_on_plateau": scheduler.lr_scheduler.state_dict()}
+    return scheduler.state_dict()
+
+
+def load_scheduler_state(scheduler: Any, state: Dict[str, Any]) -> None:
+    """Restore :func:`scheduler_state` (or timm's plateau state, as older runs saved it)."""
+    if "reduce_on_plateau" in state:
+        scheduler.lr_scheduler.load_state_dict(state["reduce_on_plateau"])
+    else:
+        scheduler.load_state_dict(state)
 
 
 def autocast(device: torch.device, enabled: bool):
