@@ -60,7 +60,7 @@ def _train_set(dataset: Path):
 
 def _soft_targets(sources, dataset: Path, **kwargs) -> torch.Tensor:
     eval_tf = create_fer_transform(False, img_size=28, resize=32)
-    return teacher_log_probs(sources, _train_set(dataset), eval_tf, 28, False, CPU, batch_size=16, **kwargs)
+    return teacher_log_probs(sources, _train_set(dataset), eval_tf, 28, 28 / 32, False, CPU, batch_size=16, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -154,6 +154,7 @@ def test_a_teacher_with_an_extra_class_is_renormalised_over_the_runs_classes(dat
     [
         (dict(input_size=[3, 48, 48]), "it takes 48 px faces, the run 28 px"),
         (dict(grayscale=True), "it was trained on grayscale faces, the run's are not"),
+        (dict(crop_pct=1.0), "it was evaluated on a centre crop of crop_pct 1, the run's faces are cropped at 0.875"),
         (dict(label_names=["anger", "happiness"], num_classes=2), "it has no output for disgust, fear, sadness"),
     ],
 )

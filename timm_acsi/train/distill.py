@@ -11,6 +11,7 @@ when a run resumes, and on every process of a distributed run.
 
 import copy
 import logging
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -81,6 +82,7 @@ def teacher_log_probs(
     train_set: Dataset,
     eval_transform,
     img_size: int,
+    crop_pct: float,
     grayscale: bool,
     info: DistInfo,
     batch_size: int = 256,
@@ -98,7 +100,7 @@ def teacher_log_probs(
     total = torch.zeros(len(view), len(label_names), dtype=torch.float64)
     for source in sources:
         teacher = load_model(source, info.device)
-        columns = _teacher_columns(teacher, label_names, img_size, grayscale)
+        columns = _teacher_columns(teacher, label_names, img_size, crop_pct, grayscale)
         probs = _predict(teacher, loader, columns, info, progress)
         if log:
             _logger.info(f"Teacher {source}: {100 * _accuracy(probs, view):.2f}% of the training faces right.")
@@ -109,7 +111,9 @@ def teacher_log_probs(
     return mean.clamp_min(1e-12).log().float()
 
 
-def _teacher_columns(teacher: LoadedModel, label_names: Tuple[str, ...], img_size: int, grayscale: bool) -> List[int]:
+def _teacher_columns(
+    teacher: LoadedModel, label_names: Tuple[str, ...], img_size: int, crop_pct: float, grayscale: bool
+) -> List[int]:
     """The teacher output of each run class; a teacher fed otherwise than it was trained, or missing a class, raises."""
     cfg = teacher.data_config
     found = []
@@ -117,6 +121,11 @@ def _teacher_columns(teacher: LoadedModel, label_names: Tuple[str, ...], img_siz
         found.append(f"it was trained on {'grayscale' if teacher.grayscale else 'colour'} faces, the run's are not")
     if cfg["input_size"][-1] != img_size:
         found.append(f"it takes {cfg['input_size'][-1]} px faces, the run {img_size} px")
+    elif not math.isclose(cfg["crop_pct"], crop_pct, abs_tol=1e-6):
+        found.append(
+            f"it was evaluated on a centre crop of crop_pct {cfg['crop_pct']:.4g}, the run's faces are cropped at "
+            f"{crop_pct:.4g} (--img-size / --resize)"
+        )
     if any(tuple(cfg[k]) != tuple(TRAIN_PREPROCESSING[k]) for k in ("mean", "std")):
         found.append(f"it normalises with mean {cfg['mean']} / std {cfg['std']}, the run with ImageNet's")
     missing = [n for n in label_names if n not in teacher.label_names]
@@ -125,7 +134,7 @@ def _teacher_columns(teacher: LoadedModel, label_names: Tuple[str, ...], img_siz
     if found:
         raise ValueError(
             f"Teacher {teacher.source} cannot teach this run: {'; '.join(found)}. Use a teacher trained with the "
-            "run's classes, face size and colour (--img-size, --grayscale)."
+            "run's classes, face size, crop and colour (--img-size, --resize, --grayscale)."
         )
     return [teacher.label_names.index(n) for n in label_names]
 

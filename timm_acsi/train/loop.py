@@ -235,7 +235,8 @@ def _criterion(cfg: TrainConfig, data: _Data, info: DistInfo, progress: bool) ->
     if not cfg.teacher:
         return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     targets = teacher_log_probs(
-        parse_teachers(cfg.teacher), data.train_set, data.eval_transform, cfg.img_size, cfg.grayscale, info,
+        parse_teachers(cfg.teacher), data.train_set, data.eval_transform, cfg.img_size, cfg.img_size / cfg.resize,
+        cfg.grayscale, info,
         cfg.batch_size, cfg.workers, progress=progress and info.is_main, log=info.is_main,
     )  # fmt: skip
     return DistillationLoss(targets, cfg.distill_alpha, cfg.distill_temperature, cfg.label_smoothing).to(info.device)
