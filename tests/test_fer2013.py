@@ -54,6 +54,27 @@ def test_fer2013_folders_not_read_as_plain_class_folders(tmp_path):
     assert len(build_dataset(root, "test")) == 7 * 1
 
 
+def test_fer2013_folder_images_without_a_split_prefix_are_refused(tmp_path):
+    """An image that names no split would be silently left out of every split: the reader refuses the folder."""
+    root = make_fer2013_folders(tmp_path / "fer", PER_CLASS)
+    Image.new("L", (48, 48)).save(root / "train" / "happy" / "my_face.png")
+    for split in ("train", "val", "test"):
+        with pytest.raises(
+            ValueError,
+            match=r"file-name prefix \(Training_, PublicTest_, PrivateTest_\) .* but "
+            r"train/happy/my_face.png has none",
+        ):
+            build_dataset(root, split)
+
+
+def test_fer2013_csv_with_a_byte_order_mark(tmp_path):
+    """A fer2013.csv saved by Excel starts with a UTF-8 BOM; its header still reads as emotion,pixels,Usage."""
+    root = make_fer2013_csv(tmp_path / "fer", PER_CLASS)
+    csv_file = root / "fer2013.csv"
+    csv_file.write_bytes(b"\xef\xbb\xbf" + csv_file.read_bytes())
+    assert build_dataset(root, "val").class_counts() == [PER_CLASS["PublicTest"]] * 7
+
+
 def test_fer2013_csv_and_folders_hold_the_same_faces(tmp_path):
     """The two releases of the same faces give the same class counts and the same gray levels per class."""
     csv = build_dataset(make_fer2013_csv(tmp_path / "csv", PER_CLASS), "val")

@@ -374,8 +374,10 @@ def _fer2013_folder_samples(root: Path, split: str, num_classes: int) -> List[Tu
     """
     label_names = label_names_for(num_classes)
     prefix = f"{FER2013_USAGE[split]}_"
+    files = list(_fer2013_image_files(root))
+    _check_fer2013_prefixes(root, files)
     samples = []
-    for path in _fer2013_image_files(root):
+    for path in files:
         if path.name.startswith(prefix):
             try:
                 name = canonical_label(path.parent.name)
@@ -383,6 +385,19 @@ def _fer2013_folder_samples(root: Path, split: str, num_classes: int) -> List[Tu
                 raise ValueError(f"Class folder {path.parent}: {e}") from None
             samples.append((path, label_names.index(name)))
     return sorted(samples, key=lambda s: (label_names[s[1]], str(s[0])))
+
+
+def _check_fer2013_prefixes(root: Path, files: Sequence[Path]) -> None:
+    """Every image of the Kaggle layout names its split; one that does not would be silently left out: raise."""
+    prefixes = tuple(f"{usage}_" for usage in FER2013_USAGE.values())
+    strays = [str(p.relative_to(root)) for p in files if not p.name.startswith(prefixes)]
+    if strays:
+        shown = ", ".join(strays[:3]) + (f" and {len(strays) - 3} more" if len(strays) > 3 else "")
+        raise ValueError(
+            f"{root} is read as FER-2013's Kaggle folders, where the file-name prefix ({', '.join(prefixes)}) names "
+            f"each image's split, but {shown} {'have' if len(strays) > 1 else 'has'} none. Move other images out "
+            "of this folder (your own faces can be a class-folder dataset of their own: train/, val/, test/)."
+        )
 
 
 def _fer2013_csv_rows(csv_path: Path, split: str, num_classes: int) -> Tuple[List[int], List[int], List[np.ndarray]]:
@@ -393,7 +408,7 @@ def _fer2013_csv_rows(csv_path: Path, split: str, num_classes: int) -> Tuple[Lis
     label_names = label_names_for(num_classes)
     usages = {v: k for k, v in FER2013_USAGE.items()}
     rows, targets, faces = [], [], []
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is not part of the header
         reader = csv.DictReader(f)
         absent = [c for c in ("emotion", "pixels", "Usage") if c not in (reader.fieldnames or ())]
         if absent:
@@ -551,7 +566,7 @@ def _affectnet_csv_samples(
         )
     listed: Dict[Path, set] = {}
     samples, boxes, missing = [], [], []
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is not part of the header
         has_header = f.readline().startswith(AFFECTNET_CSV_COLUMNS[0])
         f.seek(0)
         reader = csv.DictReader(f, fieldnames=None if has_header else AFFECTNET_CSV_COLUMNS)
