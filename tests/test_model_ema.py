@@ -13,9 +13,13 @@ import torch
 from fer_fixtures import make_folder_dataset
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
 from train_helpers import train_killed_in_epoch_2
 
-from timm_acsi.train import TrainConfig, config_hash, evaluate_checkpoint, train
+from timm_acsi.data import build_dataset, create_fer_transform
+from timm_acsi.sources import load_model
+from timm_acsi.train import DistInfo, TrainConfig, config_hash, evaluate_checkpoint, train
+from timm_acsi.train.evaluation import evaluate
 
 TINY = dict(img_size=28, resize=32, batch_size=7, workers=0, epochs=2, lr=0.02, deterministic=True, sched="cosine")
 #: config_hash(TrainConfig()) before model_ema existed (tests/test_distill.py pins the same value)
@@ -69,11 +73,20 @@ def test_checkpoints_hold_the_average_and_the_resume_state_both(ema_run):
 
 
 def test_the_logged_validation_is_the_saved_average(ema_run):
-    """The log's last val_acc is the accuracy of last.safetensors (the average), re-evaluated from the file."""
+    """The log's last val_acc and val_loss are those of last.safetensors (the average), re-evaluated from the file;
+    the raw weights' loss differs (accuracy alone could not tell them apart on these easy faces)."""
     cfg, run_dir, _ = ema_run
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     metrics = evaluate_checkpoint(run_dir / "last.safetensors", cfg.data, split="val", workers=0, progress=False)
     assert metrics["accuracy"] == log[-1]["val_acc"]
+    model = load_model(str(run_dir / "last.safetensors")).model
+    transform = create_fer_transform(False, img_size=cfg.img_size, resize=cfg.resize)
+    loader = DataLoader(build_dataset(cfg.data, "val", transform=transform), batch_size=cfg.batch_size)
+    _, average_loss = evaluate(model, loader, 7, DistInfo())
+    assert average_loss == pytest.approx(log[-1]["val_loss"], rel=1e-6)
+    model.load_state_dict(torch.load(run_dir / "last_state.pt", weights_only=True)["model"])
+    _, raw_loss = evaluate(model, loader, 7, DistInfo())
+    assert abs(raw_loss - average_loss) > 1e-3
 
 
 def test_resume_restores_the_average_exactly(ema_run, tmp_path):
