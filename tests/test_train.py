@@ -402,6 +402,16 @@ def test_resume_continues_exactly(run, tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
 
 
+def test_fer2013_without_grayscale_is_warned(tmp_path, caplog):
+    """FER-2013's faces are gray: a run that does not say so would record a colour model; it is told how to fix it."""
+    fer = make_fer2013_folders(tmp_path / "fer2013", {"Training": 1, "PublicTest": 1, "PrivateTest": 1})
+    for grayscale, expected in ((False, 1), (True, 0)):
+        caplog.clear()
+        train_loop._load_data(_cfg(fer, tmp_path / "run", grayscale=grayscale), DistInfo())
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == expected and all("faces are grayscale" in w and "pass --grayscale" in w for w in warned)
+
+
 def test_plateau_resume_keeps_its_lr_and_counters(dataset, tmp_path):
     """A plateau schedule's lr is state, not a function of the step: a run killed in epoch 2 resumes at the lr
     its warm-up reached (not the warm-up's start again) and ends as the uninterrupted run."""

@@ -195,6 +195,12 @@ def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> Tuple[Path, Op
 def _load_data(cfg: TrainConfig, info: DistInfo) -> _Data:
     """Train and validation sets with their transforms, sampler and loaders; classes without images raise."""
     layout = resolve_layout(cfg.data, cfg.layout)
+    if layout == "fer2013" and not cfg.grayscale and info.is_main:
+        _logger.warning(
+            "FER-2013's faces are grayscale, but this run does not say so: pass --grayscale (grayscale: true in a "
+            "config) so that the checkpoint records it and evaluate, predict and export feed the model grayscale "
+            "faces; without it they feed colour photos to a model that has only seen gray ones."
+        )
     val_split = cfg.val_split or ("test" if layout == "rafdb" else "val")
     common = dict(img_size=cfg.img_size, resize=cfg.resize, grayscale=cfg.grayscale)
     train_tf = create_fer_transform(
