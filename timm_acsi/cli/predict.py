@@ -389,18 +389,23 @@ def readable_inputs(args: argparse.Namespace) -> Tuple[List[Item], List[Tuple[st
         raise ValueError("nothing to read: " + "; ".join(f"{t}: {r}" for t, r in missing))
     over = outputs_over_inputs(args, items)
     if over:
-        shown = ", ".join(over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3 else "")
+        shown = _some(over)
         raise ValueError(
             f"the outputs would replace input file{'s' * (len(over) > 1)} {shown}: write --annotate/--cam/--json/--csv "
             "to another folder or file."
         )
     existing = existing_outputs(args, items)
     if existing and not args.overwrite:
-        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        shown = _some(existing)
         raise FileExistsError(
             f"{shown} already exist{'s' * (len(existing) == 1)}: pass --overwrite to replace, or pick another output."
         )
     return items, missing
+
+
+def _some(paths: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` paths, and how many more."""
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
 def main(argv: Sequence[str], prog: str = "timm-acsi predict") -> int:
