@@ -437,6 +437,19 @@ def test_hand_written_hub_files_are_never_replaced(small_ckpt, tmp_path, fast_pr
     assert _listing(out) == before
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_weights_saved_by_timm_are_never_replaced(small_ckpt, tmp_path, fast_profile, overwrite):
+    """timm's save_for_hf of one of our models writes the same config.json and model.safetensors as publish, but no
+    card of ours: those are the user's own weights, not an earlier dry run."""
+    out = tmp_path / "saved"
+    timm.models.save_for_hf(timm.create_model("coresnet18", num_classes=7), out, safe_serialization=True)
+    before = _listing(out)
+    assert sorted(before) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileExistsError, match=r"holds config\.json, model\.safetensors, which timm-acsi publish did"):
+        hub.publish(small_ckpt, REPO_ID, dry_run_dir=out, overwrite=overwrite)
+    assert _listing(out) == before
+
+
 def test_hub_network_failure_of_the_requests_family(small_ckpt, monkeypatch):
     """huggingface_hub 0.x (admitted by setup.cfg) raises requests' ConnectionError, which is not the builtin one:
     it gets the same message as httpx's errors instead of escaping as a traceback."""
@@ -571,7 +584,14 @@ def test_missing_meta_needs_label_names_and_known_architecture(work):
     with pytest.raises(ValueError, match=r"classifier has 7 outputs but num_classes is 6 \(pass --num-classes 7"):
         hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=FER7_LABELS[:6], dry_run_dir=work / "never")
     with pytest.raises(ValueError, match=r"acsinet18 does not accept model_args \{\"bogus\": 1\}"):
-        hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=FER7_LABELS, model_args={"bogus": 1})
+        hub.publish(
+            ckpt,
+            REPO_ID,
+            model="acsinet18",
+            label_names=FER7_LABELS,
+            model_args={"bogus": 1},
+            dry_run_dir=work / "never",
+        )
     with pytest.raises(ValueError, match=r"'resnet18' is not a timm-acsi architecture; use one of: acsinet18"):
         hub.publish(ckpt, REPO_ID, model="resnet18", label_names=FER7_LABELS, dry_run_dir=work / "never")
 
@@ -600,6 +620,15 @@ def test_metrics_schemas(work):
     empty.write_text("{}")
     with pytest.raises(ValueError, match=r"has no accuracy: expected one of accuracy, top1"):
         hub.load_eval_metrics(empty, FER7_LABELS)
+    for content, message in (
+        ([0.8], r"holds a JSON list; expected an object"),
+        ({"accuracy": "88.5"}, r"accuracy '88\.5' must be numbers \(fractions 0\.\.1 or percentages\), not text"),
+        ({"accuracy": 0.8, "per_class": [0.8]}, r"the per-class accuracies must be an object of class name"),
+        ({"per_class": {"happy": "95"}}, r"happy accuracy '95' must be numbers"),
+    ):
+        empty.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            hub.load_eval_metrics(empty, FER7_LABELS)
 
 
 def test_cli_dry_run_and_errors(small_ckpt, work, capsys):

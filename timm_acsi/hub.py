@@ -203,9 +203,12 @@ def load_eval_metrics(path: PathLike, label_names: Sequence[str]) -> EvalMetrics
         raise ValueError(
             f"Cannot read the metrics file {path} ({e}); pass a JSON file (see the accepted schema)."
         ) from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected an object (see the accepted schema).")
     labels = tuple(label_names)
     acc, mca = _pick(data, _ACC_KEYS), _pick(data, _MCA_KEYS)
     per_class_raw = _pick(data, _PER_CLASS_KEYS) or {}
+    _check_numbers(path, acc, mca, per_class_raw)
     if acc is None and mca is None and not per_class_raw:
         raise ValueError(
             f"{path} has no accuracy: expected one of {', '.join(_ACC_KEYS + _MCA_KEYS + _PER_CLASS_KEYS)}."
@@ -235,6 +238,20 @@ def load_eval_metrics(path: PathLike, label_names: Sequence[str]) -> EvalMetrics
         split=data.get("split") or None,
         num_samples=data.get("num_samples"),
     )
+
+
+def _check_numbers(path: Path, acc: Any, mca: Any, per_class: Any) -> None:
+    """Accuracies must be numbers (fractions or percentages) and per-class ones a name -> number object."""
+    if not isinstance(per_class, dict):
+        raise ValueError(f"{path}: the per-class accuracies must be an object of class name -> number.")
+    values = {"accuracy": acc, "mean class accuracy": mca, **{f"{k} accuracy": v for k, v in per_class.items()}}
+    wrong = [
+        f"{k} {v!r}"
+        for k, v in values.items()
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+    ]
+    if wrong:
+        raise ValueError(f"{path}: {', '.join(wrong)} must be numbers (fractions 0..1 or percentages), not text.")
 
 
 def _pct(value: Optional[float]) -> str:
@@ -490,7 +507,9 @@ def _check_out_dir(out_dir: PathLike, overwrite: bool) -> None:
 
 def _written_by_publish(path: Path) -> bool:
     """Whether ``path`` is a Hub file publish wrote: a model card with :data:`CARD_MARKER`, a ``config.json``
-    naming a timm-acsi architecture, or the ``model.safetensors`` written with such a ``config.json``."""
+    naming a timm-acsi architecture next to such a card, or the ``model.safetensors`` beside that ``config.json``.
+    (A folder that timm's ``save_for_hf`` wrote has the same config.json and weights, but no card of ours: the
+    user's own weights, never replaced.)"""
     if path.name not in HUB_FILES or path.is_symlink() or not path.is_file():
         return False
     if path.name == "model.safetensors":
@@ -502,7 +521,7 @@ def _written_by_publish(path: Path) -> bool:
         arch = json.loads(text).get("architecture")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False
-    return isinstance(arch, str) and is_own_model(arch)
+    return isinstance(arch, str) and is_own_model(arch) and _written_by_publish(path.with_name("README.md"))
 
 
 def write_hub_folder(
