@@ -54,7 +54,8 @@ INTRO = """\
 Upload a photo or take a webcam snapshot. Every face the detector finds (OpenCV's frontal-face Haar cascade)
 is boxed and numbered, its expression is recognised (anger, disgust, fear, happiness, sadness, surprise,
 neutral), and the class activation map (CAM) shows where the network found the evidence for its answer
-(red: most). Runs on this machine's CPU; nothing is sent anywhere.
+(red: most). Photos are processed by the server running this page (your own computer when you run
+`timm-acsi demo`) and are not sent to any other service.
 """
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
