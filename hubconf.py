@@ -1,7 +1,11 @@
 """torch.hub entry points for timm-acsi.
 
-    model = torch.hub.load("<owner>/timm-acsi", "acsinet18", num_classes=7)
-    model = torch.hub.load("/path/to/timm-acsi", "acsinet18", source="local", num_classes=7)
+    model = torch.hub.load("<owner>/timm-acsi", "acsinet18", pretrained=True)  # FER-2013 weights, in the package
+    model = torch.hub.load("/path/to/timm-acsi", "acsinet18", source="local", pretrained=True)
+    model = torch.hub.load("<owner>/timm-acsi", "acsinet18", pretrained_cfg="rafdb")  # untrained, 224 px colour
+
+An untrained model carries its tag's preprocessing, as timm models do: ``acsinet18`` (default tag ``.fer2013``)
+is set up for 48 px grayscale faces; pick another tag with ``pretrained_cfg="rafdb"`` for another dataset.
 
 Each entry point is ``timm.create_model(name, pretrained=pretrained, **kwargs)``: every timm kwarg
 (``num_classes``, ``in_chans``, ``features_only``, ``pretrained_cfg_overlay``...) and every model kwarg

@@ -59,18 +59,35 @@ def test_hub_load_local_in_clean_interpreter(tmp_path):
         x = torch.randn(1, 3, 64, 64)
         with torch.no_grad():
             y = model.eval()(x)
+        trained = torch.hub.load({str(REPO)!r}, "acsinet18", source="local", pretrained=True).eval()
+        import timm
+        reference = timm.create_model("acsinet18.fer2013", pretrained=True).eval()
+        face = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            same = torch.equal(trained(face), reference(face))
         print(json.dumps(dict(
             params=sum(p.numel() for p in model.parameters()),
             cls=type(model).__name__,
             num_classes=model.num_classes,
             out=list(y.shape),
             tag=model.pretrained_cfg["tag"],
+            grayscale=model.grayscale,
+            trained=[trained.pretrained_cfg["tag"], trained.grayscale, list(trained.pretrained_cfg["input_size"]), same],
         )))
         """,
         tmp_path,
     )
     result = json.loads(out.strip().splitlines()[-1])
-    assert result == dict(params=11_275_527, cls="CoResNet", num_classes=7, out=[1, 7], tag="fer2013")
+    # untrained, the model carries its default tag's preprocessing (48 px grayscale faces), as timm models do
+    assert result == dict(
+        params=11_275_527,
+        cls="CoResNet",
+        num_classes=7,
+        out=[1, 7],
+        tag="fer2013",
+        grayscale=True,
+        trained=["fer2013", True, [3, 48, 48], True],  # the shipped weights, loaded offline through torch.hub
+    )
     assert not (tmp_path / "torch_home" / "hub" / "checkpoints").exists()  # nothing downloaded
 
 
