@@ -72,7 +72,9 @@ def test_hub_load_local_in_clean_interpreter(tmp_path):
             out=list(y.shape),
             tag=model.pretrained_cfg["tag"],
             grayscale=model.grayscale,
-            trained=[trained.pretrained_cfg["tag"], trained.grayscale, list(trained.pretrained_cfg["input_size"]), same],
+            trained=[
+                trained.pretrained_cfg["tag"], trained.grayscale, list(trained.pretrained_cfg["input_size"]), same
+            ],
         )))
         """,
         tmp_path,
