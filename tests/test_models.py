@@ -121,7 +121,11 @@ def test_names_and_tags_registered():
     assert MODEL_NAMES == ["acsinet18", "acsinet34", "acsinet50", "coresnet18", "coresnet34", "coresnet50"]
     tags = [f"{n}.{t}" for n in MODEL_NAMES for t in ("rafdb", "affectnet7", "tv_in1k", "a1_in1k")]
     assert MODEL_TAGS == sorted(tags + ["acsinet18.fer2013", "coresnet18.fer2013"])  # the FER-2013 weights that ship
-    assert set(timm.list_pretrained(["coresnet*", "acsinet*"])) <= set(MODEL_TAGS)
+    # tags with weights: the shipped FER-2013 ones and the ImageNet initialisations timm downloads
+    with_weights = [f"{n}.{t}" for n in MODEL_NAMES for t in ("a1_in1k", "tv_in1k")]
+    assert timm.list_pretrained(["coresnet*", "acsinet*"]) == sorted(
+        with_weights + ["acsinet18.fer2013", "coresnet18.fer2013"]
+    )
 
 
 def test_resnet18_reference_counts():
@@ -272,6 +276,18 @@ def test_contextual_convs_basicblock(convs):
                 assert is_co == (conv_name in convs and level > 1), (conv_name, level)
 
 
+def test_string_arguments_as_a_config_file_gives_them():
+    """One contextual conv named by a string, and attention by timm's names (``"coord"`` is timm's CoordAttn,
+    reduction 32 rounded to 8: not the paper's, which stays the default)."""
+    assert _n_params(_meta("coresnet18", contextual_convs="conv2")) == 11_689_512
+    assert type(_meta("coresnet18", contextual_convs="conv2").layer1[0].conv1) is nn.Conv2d
+    assert _n_params(_meta("acsinet18", num_classes=7)) == 11_275_527
+    assert _n_params(_meta("acsinet18", num_classes=7, attn_layer="coord")) == 11_312_439
+    assert _n_params(_meta("acsinet18", num_classes=7, attn_layer="se")) == 11_303_527
+    with pytest.raises(ValueError, match=r"attn_layer 'bogus' is not a timm attention name .* leave it out for the"):
+        _meta("acsinet18", attn_layer="bogus")
+
+
 def test_bottleneck_only_conv2_contextual():
     model = _meta("coresnet50")
     for blk in model.modules():
@@ -344,7 +360,7 @@ def test_unknown_kwarg_type_error(name):
 
 
 def test_dilated_output_stride():
-    """timm's output_stride=16 dilates layer4; CoConv multiplies its branch dilations by the base dilation."""
+    """timm's output_stride=8 dilates layer3 (x2) and layer4 (x4); CoConv multiplies its branch dilations by them."""
     model = timm.create_model("coresnet18", output_stride=8, coconv_levels=(4, 3, 2, 2)).eval()
     assert model.layer3[1].conv2.dilations == [2, 4]
     assert model.layer4[1].conv2.dilations == [4, 8]

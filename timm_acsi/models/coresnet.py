@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_attn
 from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
@@ -56,11 +57,14 @@ class CoResNet(ResNet):
         layers: Blocks per stage.
         coconv_levels: CoConv level per stage (1 = plain conv); the paper uses (4, 3, 2, 1).
         contextual_convs: Names of the 3x3 convs in each block that become CoConv: ``conv1`` and/or
-            ``conv2`` of a BasicBlock (default both); a Bottleneck's only 3x3 conv is ``conv2``.
+            ``conv2`` of a BasicBlock (default both); a Bottleneck's only 3x3 conv is ``conv2``. One name may
+            be given as a string.
         attn_placement: Where attention goes: ``"block"`` (timm's attention slot of every residual block,
             after the last norm, before the residual add), ``"stage"`` (after each stage) or ``"none"``.
         final_attn: Add one attention module on the final feature map, before global pooling.
-        attn_layer: Attention module class taking ``(channels, device=None, dtype=None)``.
+        attn_layer: Attention module class taking ``(channels, device=None, dtype=None)``, or a timm attention
+            name (``timm.layers.get_attn``: ``"se"``, ``"eca"``, ``"cbam"``...; ``"coord"`` is timm's
+            ``CoordAttn``, whose reduction differs from the paper's). Default: the paper's ``AcsiCoordAttn``.
         zero_init_last: Zero-init the last norm of each residual branch (as timm's ResNet).
         block_args: Extra block kwargs (as timm's ResNet).
         **kwargs: Every other timm ``ResNet`` argument (num_classes, in_chans, drop_rate...).
@@ -74,7 +78,7 @@ class CoResNet(ResNet):
         contextual_convs: Optional[Sequence[str]] = None,
         attn_placement: str = "none",
         final_attn: bool = False,
-        attn_layer: Type[nn.Module] = AcsiCoordAttn,
+        attn_layer: Union[str, Type[nn.Module]] = AcsiCoordAttn,
         zero_init_last: bool = True,
         block_args: Optional[Dict[str, Any]] = None,
         device=None,
@@ -89,6 +93,9 @@ class CoResNet(ResNet):
             raise ValueError(f"coconv_levels needs one level per stage ({len(layers)}), got {list(coconv_levels)}.")
         if any(not isinstance(lv, int) or lv < 1 for lv in coconv_levels):
             raise ValueError(f"coconv_levels must be integers >= 1 (1 = plain conv), got {list(coconv_levels)}.")
+        if isinstance(contextual_convs, str):
+            contextual_convs = (contextual_convs,)
+        attn_layer = _attn_class(attn_layer)
         if contextual_convs is not None and not contextual_convs:
             raise ValueError("contextual_convs=() makes no conv contextual; use coconv_levels=(1, 1, 1, 1) for that.")
         block_args = dict(block_args or {})
@@ -146,6 +153,22 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CoResNet) -
         _logger.info(f"Checkpoint has no attention weights; {len(fresh)} attention tensors keep their init.")
         state_dict = {**state_dict, **{k: own[k] for k in fresh}}
     return state_dict
+
+
+def _attn_class(attn_layer: Union[str, Type[nn.Module]]) -> Type[nn.Module]:
+    """``attn_layer`` as a class: a timm attention name is resolved as timm's ResNet resolves it."""
+    if not isinstance(attn_layer, str):
+        return attn_layer
+    try:
+        layer = get_attn(attn_layer)
+    except AssertionError:  # timm's answer to an unknown name
+        layer = None
+    if layer is None:
+        raise ValueError(
+            f"attn_layer {attn_layer!r} is not a timm attention name (timm.layers.get_attn: 'se', 'eca', 'cbam', "
+            "'coord'...); leave it out for the paper's coordinate attention (AcsiCoordAttn)."
+        )
+    return layer
 
 
 def _create_coresnet(
