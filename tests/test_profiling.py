@@ -152,6 +152,7 @@ def test_fallback_without_fvcore(monkeypatch):
     model = _model("coresnet18")
     expected = profile_model(model, SMALL, parity=True)
     monkeypatch.setitem(sys.modules, "fvcore.nn", None)  # makes `import fvcore.nn` raise ImportError
+    profiling._reference_flops.cache_clear()  # the reference convs are counted again, by the fallback too
     prof = profile_model(model, SMALL, parity=True)
     assert prof.counter == "torch" and "fvcore could not count" in prof.notice
     assert (prof.flops, prof.activations, prof.params) == (expected.flops, expected.activations, expected.params)
@@ -246,6 +247,14 @@ def test_cli_latency_and_elementwise(capsys, tmp_path):
     assert set(rows) == {"resnet18", "coresnet18"}  # the baseline is added and measured in the same run
     assert rows["resnet18"]["latency_ratio"] == {d: 1.0 for d in expected_devices}
     assert rows["coresnet18"]["latency"]["cpu"]["median_ms"] > 0
+
+
+def test_cli_paper_flops_columns_only_under_the_papers_convention(capsys):
+    """At 224 px the table compares with the paper's GFLOPs, except when elementwise ops are counted too."""
+    code, out = _run(["--models", "coresnet18", "--no-parity"], capsys)
+    assert code == 0 and "paper G" in out and "paper M" in out
+    code, out = _run(["--models", "coresnet18", "--no-parity", "--count-elementwise"], capsys)
+    assert code == 0 and "paper G" not in out and "paper M" in out
 
 
 def test_cli_latency_on_missing_cuda_is_an_error(capsys):

@@ -519,9 +519,12 @@ def reference_conv(layer: CoConv2d) -> nn.Conv2d:
 
 
 @cache
-def _reference_flops(conv_args: Tuple[Any, ...], input_shape: Tuple[int, ...], count_elementwise: bool) -> int:
-    """FLOPs of a plain ``nn.Conv2d(*conv_args)`` at ``input_shape`` (cached: many layers share a shape)."""
-    return _count(nn.Conv2d(*conv_args).eval(), torch.zeros(input_shape), count_elementwise).flops
+def _reference_flops(
+    conv_args: Tuple[Any, ...], input_shape: Tuple[int, ...], count_elementwise: bool, counter: str
+) -> int:
+    """FLOPs of a plain ``nn.Conv2d(*conv_args)`` at ``input_shape`` by ``counter``, the one that counted the
+    CoConv it is compared with (cached: many layers share a shape)."""
+    return _count(nn.Conv2d(*conv_args).eval(), torch.zeros(input_shape), count_elementwise, counter).flops
 
 
 def _coconv_shapes(model: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[CoConv2d, Tuple[int, ...], Tuple[int, ...]]]:
@@ -548,7 +551,9 @@ def _coconv_shapes(model: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[CoConv2
     return shapes
 
 
-def _layer_parity(name: str, layer: CoConv2d, in_shape, out_shape, flops: int, count_elementwise: bool) -> LayerParity:
+def _layer_parity(
+    name: str, layer: CoConv2d, in_shape, out_shape, flops: int, count_elementwise: bool, counter: str
+) -> LayerParity:
     reference = reference_conv(layer)
     with torch.no_grad(), _shapes_only():
         ref_out_shape = tuple(reference(torch.empty(in_shape, dtype=layer.weight.dtype)).shape)
@@ -571,7 +576,7 @@ def _layer_parity(name: str, layer: CoConv2d, in_shape, out_shape, flops: int, c
         params=sum(p.numel() for p in layer.parameters()),
         reference_params=sum(p.numel() for p in reference.parameters()),
         flops=flops,
-        reference_flops=_reference_flops(conv_args, in_shape, count_elementwise),
+        reference_flops=_reference_flops(conv_args, in_shape, count_elementwise, counter),
         output_shape=out_shape,
         reference_output_shape=ref_out_shape,
     )
@@ -617,7 +622,9 @@ def profile_model(
                     flops = counts.flops_by_module[name]
                 else:
                     flops = _torch_counts(layer, x.new_zeros(in_shape), count_elementwise).flops
-                layer_parity.append(_layer_parity(name, layer, in_shape, out_shape, flops, count_elementwise))
+                layer_parity.append(
+                    _layer_parity(name, layer, in_shape, out_shape, flops, count_elementwise, counts.counter)
+                )
     return ModelProfile(
         params=params,
         flops=counts.flops,

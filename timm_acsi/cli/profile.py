@@ -101,9 +101,10 @@ def _diff(ours: float, paper: float) -> str:
 
 
 def _table(report: ProfileReport, markdown: bool) -> str:
-    """The model table; paper columns only where our setting is the paper's (1000 classes; 1x3x224x224 for FLOPs)."""
+    """The model table; paper columns only where our setting is the paper's (1000 classes; for FLOPs also
+    1x3x224x224 and the multiply-add convention, without --count-elementwise)."""
     paper_params = report.num_classes == profiling.PAPER_NUM_CLASSES
-    paper_flops = report.input_size == profiling.PAPER_INPUT_SIZE
+    paper_flops = report.input_size == profiling.PAPER_INPUT_SIZE and not report.count_elementwise
     latency = report.latency
     headers = ["model", "params", "M"] + (["paper M", "diff M"] if paper_params else [])
     headers += ["FLOPs", "GFLOPs"] + (["paper G", "diff G"] if paper_flops else []) + ["acts (M)"]
