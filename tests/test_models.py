@@ -204,6 +204,24 @@ def test_attention_module_names_and_places():
     assert bottleneck.layer4.final_attn.conv_h.out_channels == 2048
 
 
+def test_block_attention_runs_after_the_last_norm_and_before_the_residual_add():
+    """The paper's placement, which rests on timm's BasicBlock.forward: se(bn2(...)) + shortcut, then the act."""
+    torch.manual_seed(0)
+    model = timm.create_model("acsinet18", num_classes=7).eval()
+    blk, seen = model.layer2[0], {}
+    with torch.no_grad():
+        blk.bn2.weight.fill_(1.0)  # zero_init_last would make the residual branch (and what se sees) zero
+    # clones: the block adds the shortcut and applies its ReLU in place
+    blk.bn2.register_forward_hook(lambda m, i, o: seen.update(bn2=o.clone()))
+    blk.se.register_forward_hook(lambda m, i, o: seen.update(se_in=i[0].clone(), se_out=o.clone()))
+    blk.register_forward_hook(lambda m, i, o: seen.update(block_in=i[0].clone(), block_out=o.clone()))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+        shortcut = blk.downsample(seen["block_in"])
+    assert torch.equal(seen["se_in"], seen["bn2"]) and not torch.equal(seen["se_out"], seen["se_in"])
+    torch.testing.assert_close(seen["block_out"], blk.act2(seen["se_out"] + shortcut))
+
+
 def test_final_attn_is_last_before_pooling():
     """The final CA mask multiplies the final feature map: forward_features ends with it, the head pools it."""
     model = _cached("acsinet18")

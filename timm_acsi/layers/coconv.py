@@ -52,6 +52,11 @@ class CoConv2d(nn.Conv2d):
         dilations: Dilation per branch (default ``1..n``), multiplied by ``dilation``.
         dilation: Base dilation, for dilated (output-stride < 32) networks.
         bias: Add a learnable bias (one per output channel, as ``nn.Conv2d``).
+
+    It subclasses ``nn.Conv2d`` so that the weight layout, ``from_conv`` and timm's weight loading stay those of
+    the conv it replaces, but its ``dilation``/``padding`` attributes are the base ones (branch 0): tools that
+    rebuild any ``nn.Conv2d`` from its attributes (``torch.utils.mkldnn.to_mkldnn``, some fusers) would turn it
+    into a plain conv. Its ``forward`` is the only correct reading of the layer.
     """
 
     def __init__(
