@@ -391,6 +391,20 @@ def test_predict_onnxruntime_gives_the_torch_labels(exported, checkpoint, faces,
         np.testing.assert_allclose(list(o["probabilities"].values()), list(t["probabilities"].values()), atol=1e-4)
 
 
+def test_predict_onnxruntime_with_flip_tta(exported, checkpoint, faces, tmp_path):
+    """--tta-flip on the onnxruntime backend gives torch's probabilities, which differ from one view's."""
+
+    def probabilities(args, name):
+        return {Path(r["file"]).stem: r["probabilities"] for r in _predict(args, tmp_path, name)}
+
+    ort = probabilities([str(faces), "--model", str(exported), "--backend", "onnxruntime", "--tta-flip"], "ort_tta")
+    torch_tta = probabilities([str(faces), "--model", str(checkpoint), "--tta-flip"], "torch_tta")
+    for name, probs in ort.items():
+        np.testing.assert_allclose(list(probs.values()), list(torch_tta[name].values()), atol=1e-4)
+    one_view = probabilities([str(faces / "face.png"), "--model", str(exported), "--backend", "onnxruntime"], "ort1")
+    assert max(abs(ort["face"][n] - one_view["face"][n]) for n in FER7_LABELS) > 1e-3
+
+
 BLOCK_TORCH = """
 import sys
 

@@ -167,6 +167,21 @@ def test_single_face_crop_with_the_none_detector(ckpts, face_crop):
     assert face.label == FER7_LABELS[int(expected.argmax())] and face.score == pytest.approx(expected.max())
 
 
+def test_flip_tta_averages_the_face_and_its_mirror(ckpts, face_crop):
+    """tta_flip: each face's probabilities are the mean of its own and its mirror image's; the attention map is
+    drawn for the averaged prediction."""
+    plain = ExpressionRecognizer(str(ckpts["acsinet18"]), detector="none")
+    tta = ExpressionRecognizer(str(ckpts["acsinet18"]), detector="none", tta_flip=True)
+    mirror = np.ascontiguousarray(face_crop[:, ::-1])
+    expected = (
+        np.array(list(plain(face_crop)[0].probabilities.values())) + list(plain(mirror)[0].probabilities.values())
+    ) / 2
+    face = tta(face_crop, attention="cam")[0]
+    np.testing.assert_allclose(list(face.probabilities.values()), expected, atol=1e-6)
+    assert face.label == FER7_LABELS[int(expected.argmax())] and face.attention.label == face.label
+    assert not np.allclose(expected, list(plain(face_crop)[0].probabilities.values()), atol=1e-3)  # TTA changes it
+
+
 def test_the_default_model_is_the_shipped_acsinet18(astronaut):
     """With no model named, the recognizer runs the FER-2013 ACSI-Net-18 weights that ship with the package."""
     default, named = ExpressionRecognizer(), ExpressionRecognizer("acsinet18.fer2013")

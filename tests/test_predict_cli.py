@@ -79,8 +79,8 @@ def test_folder_table_json_csv_and_pictures(model, photos, tmp_path, capsys):
     assert "broken.jpg is not a readable image" in err
 
     doc = json.loads(out_json.read_text())
-    assert set(doc) == {"model", "label_names", "detector", "rows", "small_faces", "unreadable"}
-    assert doc["label_names"] == list(FER7_LABELS) and doc["detector"] == "haar"
+    assert set(doc) == {"model", "label_names", "detector", "tta_flip", "rows", "small_faces", "unreadable"}
+    assert doc["label_names"] == list(FER7_LABELS) and doc["detector"] == "haar" and doc["tta_flip"] is False
     face, empty = doc["rows"]
     assert set(face) == {"file", "frame", "face", "box", "detection_score", "label", "score", "probabilities"}
     assert face["box"] == ASTRONAUT_FACE and face["frame"] is None and face["face"] == 0

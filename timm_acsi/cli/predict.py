@@ -91,6 +91,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="skip faces smaller than this, in pixels (default: 24; the Haar cascade's 24 px window finds no smaller "
         "face, so a lower value only matters with --detector none)",
     )
+    parser.add_argument(
+        "--tta-flip",
+        action="store_true",
+        help="average each face's probabilities with its mirror image's (two forward passes, more accurate)",
+    )
     parser.add_argument("--every", type=positive_int, default=1, help="video: every N-th frame (default: 1)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--csv", metavar="FILE", help="write one row per face as CSV")
@@ -274,6 +279,7 @@ def to_json(report: Report, rec: ExpressionRecognizer, args: argparse.Namespace)
         "model": rec.backend.source,
         "label_names": list(rec.label_names),
         "detector": args.detector,
+        "tta_flip": rec.tta_flip,
         "rows": rows(report),
         "small_faces": [
             {"file": str(item.path), "frame": result.frame, "box": list(d.box), "detection_score": d.score}
@@ -327,7 +333,13 @@ def summary(report: Report) -> str:
 
 def make_recognizer(args: argparse.Namespace) -> ExpressionRecognizer:
     """The recognizer of ``args``: torch backend by default, onnxruntime (imported only then) on request."""
-    common = dict(detector=args.detector, margin=args.margin, min_face_size=args.min_face, batch_size=args.batch_size)
+    common = dict(
+        detector=args.detector,
+        margin=args.margin,
+        min_face_size=args.min_face,
+        batch_size=args.batch_size,
+        tta_flip=args.tta_flip,
+    )
     if args.backend == "torch":
         load = dict(architecture=args.arch, label_names=args.label_names)
         if args.model_args is not None:
