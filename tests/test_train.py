@@ -412,6 +412,7 @@ def test_fer2013_without_grayscale_is_warned(tmp_path, caplog):
         assert len(warned) == expected and all("faces are grayscale" in w and "pass --grayscale" in w for w in warned)
 
 
+@pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")  # timm's
 def test_plateau_resume_keeps_its_lr_and_counters(dataset, tmp_path):
     """A plateau schedule's lr is state, not a function of the step: a run killed in epoch 2 resumes at the lr
     its warm-up reached (not the warm-up's start again) and ends as the uninterrupted run."""
@@ -425,6 +426,7 @@ def test_plateau_resume_keeps_its_lr_and_counters(dataset, tmp_path):
     assert resumed == whole
 
 
+@pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")  # timm's
 def test_plateau_state_round_trip_keeps_the_counters():
     model = torch.nn.Linear(2, 2)
     cfg = TrainConfig(sched="plateau", epochs=10)
