@@ -46,12 +46,12 @@ class ExpressionRecognizer:
         margin: each square face crop is ``(1 + margin)`` times the box's longer side, clipped at the border.
         min_face_size: boxes narrower or lower than this many pixels are skipped (and reported).
         batch_size: faces per network batch.
-        tta_flip: average each face's probabilities with its mirror image's (horizontal-flip test-time
-            augmentation: two forward passes; +1.3 points on FER-2013's PrivateTest for ``acsinet18.fer2013``).
-            Attention maps are drawn for the averaged prediction.
         channels_last: run the torch model in channels-last memory format.
         compile: run the torch model through ``torch.compile`` (see
             :class:`~timm_acsi.inference.torch_backend.TorchBackend`); only for a model source or LoadedModel.
+        tta_flip: average each face's probabilities with its mirror image's (horizontal-flip test-time
+            augmentation: two forward passes; +1.3 points on FER-2013's PrivateTest for ``acsinet18.fer2013``).
+            Attention maps are drawn for the averaged prediction.
         **load_kwargs: passed to :func:`~timm_acsi.sources.load_model` (``label_names``, ``architecture``...).
     """
 
@@ -63,9 +63,9 @@ class ExpressionRecognizer:
         margin: float = 0.2,
         min_face_size: int = 24,
         batch_size: int = 32,
-        tta_flip: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        tta_flip: bool = False,
         **load_kwargs: Any,
     ):
         if margin < 0 or min_face_size < 1 or batch_size < 1:
