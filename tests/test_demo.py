@@ -27,6 +27,7 @@ from timm_acsi.demo import (
     default_examples,
     error_message,
     import_gradio,
+    load_recognizers,
     predict_page,
     probability_chart,
     read_upload,
@@ -212,6 +213,8 @@ def test_predict_page_shows_everything_or_one_message(rec, photo, result, tmp_pa
 def test_cli_defaults_bad_port_and_bad_model(tmp_path, capsys, monkeypatch):
     args = demo_cli.build_parser("timm-acsi demo").parse_args([])
     assert (args.host, args.port, args.share, args.model, args.detector) == ("127.0.0.1", 7860, False, None, "haar")
+    assert args.tta_flip is False
+    assert demo_cli.build_parser("timm-acsi demo").parse_args(["--tta-flip"]).tta_flip is True
     with pytest.raises(SystemExit):
         demo_cli.build_parser("timm-acsi demo").parse_args(["--port", "70000"])
     assert "a port is at most 65535" in capsys.readouterr().err
@@ -221,6 +224,15 @@ def test_cli_defaults_bad_port_and_bad_model(tmp_path, capsys, monkeypatch):
     for call in (import_gradio, lambda: demo_cli.main([])):
         with pytest.raises(MissingExtraError, match=r'The browser demo needs gradio, .*"timm-acsi\[demo\]"'):
             call()
+
+
+def test_recognizers_can_average_each_face_with_its_mirror(photo, result):
+    """--tta-flip reaches every recognizer, and changes the probabilities the page shows."""
+    (tta,) = load_recognizers(["acsinet18.fer2013"], tta_flip=True).values()
+    assert tta.tta_flip is True
+    flipped = tta(load_image(photo))
+    assert [f.box for f in flipped] == [f.box for f in result]
+    assert any(abs(a.score - b.score) > 1e-3 for a, b in zip(flipped, result))
 
 
 def test_example_photos_ship_inside_the_package():

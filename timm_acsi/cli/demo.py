@@ -43,6 +43,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         default="haar",
         help="haar: OpenCV's frontal-face cascade (default); none: each image is one face crop",
     )
+    parser.add_argument(
+        "--tta-flip",
+        action="store_true",
+        help="average each face's probabilities with its mirror image's (two forward passes, more accurate)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)"
@@ -62,7 +67,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi demo") -> int:
     if args.detector == "haar":
         import_extra("cv2", "demo", "Face detection (--detector haar)")
     start = time.perf_counter()
-    recognizers = load_recognizers([*(args.model or []), *SHIPPED_TAGS], args.detector, args.device)
+    recognizers = load_recognizers([*(args.model or []), *SHIPPED_TAGS], args.detector, args.device, args.tta_flip)
     count = len(recognizers)
     print(
         f"{prog}: {count} model{'s' * (count != 1)} loaded in {time.perf_counter() - start:.1f} s: "

@@ -69,10 +69,11 @@ def import_gradio() -> Any:
 
 
 def load_recognizers(
-    sources: Sequence[str], detector: str = "haar", device: str = "cpu"
+    sources: Sequence[str], detector: str = "haar", device: str = "cpu", tta_flip: bool = False
 ) -> Dict[str, ExpressionRecognizer]:
     """One recognizer per distinct model source, loaded now (no request ever loads a model). ``.onnx`` files
-    run with onnxruntime (no attention maps); every other source as :func:`timm_acsi.sources.load_model`."""
+    run with onnxruntime (no attention maps); every other source as :func:`timm_acsi.sources.load_model`.
+    ``tta_flip``: every face is averaged with its mirror image (see :class:`ExpressionRecognizer`)."""
     recognizers = {}
     for source in dict.fromkeys(str(s) for s in sources):
         if source.endswith(".onnx"):
@@ -80,9 +81,9 @@ def load_recognizers(
                 import_extra(module, "onnx", f"Running {source}")
             from ..export.ort_backend import OnnxBackend
 
-            recognizers[source] = ExpressionRecognizer(OnnxBackend(source), detector=detector)
+            recognizers[source] = ExpressionRecognizer(OnnxBackend(source), detector=detector, tta_flip=tta_flip)
         else:
-            recognizers[source] = ExpressionRecognizer(source, detector=detector, device=device)
+            recognizers[source] = ExpressionRecognizer(source, detector=detector, device=device, tta_flip=tta_flip)
     return recognizers
 
 
