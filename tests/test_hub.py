@@ -450,6 +450,18 @@ def test_weights_saved_by_timm_are_never_replaced(small_ckpt, tmp_path, fast_pro
     assert _listing(out) == before
 
 
+def test_output_in_a_read_only_directory_names_the_fix(small_ckpt, tmp_path, monkeypatch, fast_profile):
+    """The Hub files are written beside the output folder first; a parent that cannot take them is named."""
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(hub.tempfile, "mkdtemp", read_only)
+    with pytest.raises(PermissionError, match=rf"beside {tmp_path / 'out'} first, but {tmp_path} is not writable: "):
+        hub.publish(small_ckpt, REPO_ID, dry_run_dir=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hub_network_failure_of_the_requests_family(small_ckpt, monkeypatch):
     """huggingface_hub 0.x (admitted by setup.cfg) raises requests' ConnectionError, which is not the builtin one:
     it gets the same message as httpx's errors instead of escaping as a traceback."""

@@ -548,10 +548,8 @@ def write_hub_folder(
     """
     _check_out_dir(out_dir, overwrite)
     params, flops = _profile(model, spec.input_size)
-    out_dir, resolved = Path(out_dir), Path(out_dir).resolve()  # resolved: '.' has no name and no usable parent
-    resolved.parent.mkdir(parents=True, exist_ok=True)
-    # next to out_dir, so each os.replace is a rename on one filesystem
-    tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", suffix=".tmp", dir=resolved.parent))
+    out_dir = Path(out_dir)
+    tmp = _temporary_folder(out_dir.resolve())  # resolved: '.' has no name and no usable parent
     try:
         model_config = {"label_names": list(spec.label_names), "pretrained_cfg": spec.pretrained_cfg()}
         save_for_hf(model, tmp, model_config=model_config, model_args=spec.model_args, safe_serialization=True)
@@ -565,6 +563,18 @@ def write_hub_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return params, flops
+
+
+def _temporary_folder(out_dir: Path) -> Path:
+    """A temporary folder beside ``out_dir``, so that each final move is a rename on one filesystem."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except PermissionError as e:
+        raise PermissionError(
+            f"publish writes the Hub files into a temporary folder beside {out_dir} first, but {out_dir.parent} is "
+            "not writable: pick an output folder inside a writable directory."
+        ) from e
 
 
 def _to_fp16(path: Path) -> None:
