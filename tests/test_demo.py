@@ -89,7 +89,8 @@ def result(rec, photo):
 def test_the_test_photo_has_two_faces_with_attention_maps(result):
     assert len(result) == 2 and not result.skipped
     assert [f.box[0] < 400 for f in result] == [True, False]  # numbered left to right
-    assert all(f.attention is not None and f.label in FER7_LABELS for f in result)
+    assert all(f.attention is not None for f in result)
+    assert [f.label for f in result] == ["happiness", "happiness"]  # the astronaut smiles, in both halves
 
 
 # ------------------------------------------------------------------------------------------ upload reader

@@ -297,8 +297,8 @@ def test_contextual_convs_basicblock(convs):
 def test_string_arguments_as_a_config_file_gives_them():
     """One contextual conv named by a string, and attention by timm's names (``"coord"`` is timm's CoordAttn,
     reduction 32 rounded to 8: not the paper's, which stays the default)."""
-    assert _n_params(_meta("coresnet18", contextual_convs="conv2")) == 11_689_512
-    assert type(_meta("coresnet18", contextual_convs="conv2").layer1[0].conv1) is nn.Conv2d
+    one = _meta("coresnet18", contextual_convs="conv2").layer1[0]
+    assert (type(one.conv1), type(one.conv2)) == (nn.Conv2d, CoConv2d)
     assert _n_params(_meta("acsinet18", num_classes=7)) == 11_275_527
     assert _n_params(_meta("acsinet18", num_classes=7, attn_layer="coord")) == 11_312_439
     assert _n_params(_meta("acsinet18", num_classes=7, attn_layer="se")) == 11_303_527
@@ -308,10 +308,12 @@ def test_string_arguments_as_a_config_file_gives_them():
 
 def test_bottleneck_only_conv2_contextual():
     model = _meta("coresnet50")
-    for blk in model.modules():
-        if isinstance(blk, Bottleneck):
+    for stage, level in zip((model.layer1, model.layer2, model.layer3, model.layer4), (4, 3, 2, 1)):
+        for blk in stage:
             assert type(blk.conv1) is nn.Conv2d and blk.conv1.kernel_size == (1, 1)
             assert type(blk.conv3) is nn.Conv2d and blk.conv3.kernel_size == (1, 1)
+            assert type(blk.conv2) is (CoConv2d if level > 1 else nn.Conv2d)
+            assert level == 1 or blk.conv2.dilations == list(range(1, level + 1))
     assert _n_params(_meta("coresnet50", contextual_convs=("conv2",))) == 25_557_032
 
 

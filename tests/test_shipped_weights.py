@@ -97,6 +97,8 @@ def test_wheel_holds_the_weights(tmp_path):
         str(REPO),
         "--no-deps",
         "--no-build-isolation",
+        "--no-index",  # offline: nothing is fetched, not even pip's own version check
+        "--disable-pip-version-check",
         "-q",
         "-w",
         str(tmp_path),

@@ -26,6 +26,7 @@ import timm_acsi
 from timm_acsi.checkpoint import read_checkpoint_meta, save_checkpoint
 from timm_acsi.cli import evaluate as evaluate_cli
 from timm_acsi.cli import run_command
+from timm_acsi.data import build_dataset, create_fer_transform
 from timm_acsi.labels import FER7_LABELS, canonical_label
 from timm_acsi.train import (
     RUN_FILES,
@@ -523,6 +524,25 @@ def test_evaluate_cli_with_flip_tta(run, tmp_path, capsys):
     assert run_command("evaluate", argv[:2] + ["--data", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(SystemExit):  # --layout takes the known layouts only
         run_command("evaluate", argv + ["--layout", "rafbd"])
+
+
+def test_flip_tta_averages_the_softmax_of_each_face_and_its_mirror(run):
+    """evaluate(tta_flip=True): the loss is that of the mean softmax of each face and its mirror image."""
+    cfg, run_dir, _ = run
+    model = create_model(cfg, FER7_LABELS)
+    model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+    model.eval()
+    val = build_dataset(
+        cfg.data, "val", transform=create_fer_transform(False, img_size=cfg.img_size, resize=cfg.resize)
+    )
+    x, y = torch.stack([val[i][0] for i in range(len(val))]), torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        p = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
+    loader = DataLoader(val, batch_size=8)
+    _, tta_loss = train_evaluation.evaluate(model, loader, 7, DistInfo(), tta_flip=True)
+    _, one_view_loss = train_evaluation.evaluate(model, loader, 7, DistInfo())
+    assert tta_loss == pytest.approx(-p[range(len(y)), y].log().mean().item(), rel=1e-5)
+    assert tta_loss != pytest.approx(one_view_loss, rel=1e-6)
 
 
 def test_evaluate_maps_outputs_by_label_name(run, tmp_path):
