@@ -120,18 +120,22 @@ def test_parse_teachers():
 # --------------------------------------------------------------------------------------- the soft targets
 
 
-def test_soft_targets_are_the_teachers_flip_averaged_probabilities_in_the_runs_class_order(dataset, teacher):
-    targets = _soft_targets([str(teacher)], dataset)
-    # by hand: the teacher's outputs (reversed FER-7 order) on the unaugmented faces and their mirror images
-    torch.manual_seed(0)
-    model = timm.create_model("coresnet18", num_classes=7)
-    model.load_state_dict(load_file(str(teacher)))
+def _flip_averaged_probabilities(path: Path, num_classes: int, dataset: Path) -> torch.Tensor:
+    """A teacher checkpoint's mean softmax over each unaugmented training face and its mirror image, computed
+    with plain timm and torch (the reference the soft targets must equal)."""
+    model = timm.create_model("coresnet18", num_classes=num_classes)
+    model.load_state_dict(load_file(str(path)))
     model.eval()
     eval_set = build_dataset(dataset, "train", "folder", 7, create_fer_transform(False, img_size=28, resize=32))
     x = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
     with torch.no_grad():
-        p = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
-    expected = p[:, list(reversed(range(7)))]  # teacher output 6 is anger, the run's class 0...
+        return (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
+
+
+def test_soft_targets_are_the_teachers_flip_averaged_probabilities_in_the_runs_class_order(dataset, teacher):
+    targets = _soft_targets([str(teacher)], dataset)
+    # by hand: the teacher's outputs (reversed FER-7 order) on the unaugmented faces and their mirror images
+    expected = _flip_averaged_probabilities(teacher, 7, dataset)[:, list(reversed(range(7)))]  # output 6 is anger
     assert targets.shape == (42, 7)
     torch.testing.assert_close(targets.exp(), expected, atol=1e-5, rtol=1e-4)
 
@@ -147,14 +151,7 @@ def test_a_teacher_with_an_extra_class_is_renormalised_over_the_runs_classes(dat
     fer8 = _teacher(tmp_path / "fer8.safetensors", label_names=(*FER7_LABELS, "contempt"), seed=2)
     targets = _soft_targets([str(fer8)], dataset)
     # by hand: the teacher's 8 flip-averaged probabilities, contempt dropped, the other 7 renormalised
-    torch.manual_seed(0)
-    model = timm.create_model("coresnet18", num_classes=8)
-    model.load_state_dict(load_file(str(fer8)))
-    model.eval()
-    eval_set = build_dataset(dataset, "train", "folder", 7, create_fer_transform(False, img_size=28, resize=32))
-    x = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
-    with torch.no_grad():
-        p = ((model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2)[:, :7]
+    p = _flip_averaged_probabilities(fer8, 8, dataset)[:, :7]
     torch.testing.assert_close(targets.exp(), p / p.sum(1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
