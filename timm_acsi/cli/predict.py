@@ -174,10 +174,8 @@ def outputs_over_inputs(args: argparse.Namespace, items: Sequence[Item]) -> List
     inputs = {item.path.resolve(): item for item in items}
     planned = [Path(f) for f in (args.json, args.csv) if f]
     if args.annotate:
-        planned += [
-            Path(args.annotate) / item.name.with_name(item.name.name + ".png") for item in items if not item.video
-        ]
-    hits = [str(inputs[p.resolve()].path) for p in planned if p.resolve() in inputs]
+        planned += [_annotated_path(args.annotate, item.name) for item in items if not item.video]
+    hits = [str(inputs[p].path) for p in (p.resolve() for p in planned) if p in inputs]
     if args.cam:
         prefixes = {(Path(args.cam) / item.name).resolve() for item in items}
         for path in inputs:
@@ -185,6 +183,11 @@ def outputs_over_inputs(args: argparse.Namespace, items: Sequence[Item]) -> List
             if match and path.with_name(match.group(1)) in prefixes:
                 hits.append(str(inputs[path].path))
     return hits
+
+
+def _annotated_path(folder: str, name: Path) -> Path:
+    """Where ``--annotate`` writes the picture of output name ``name``."""
+    return Path(folder) / name.with_name(name.name + ".png")
 
 
 def _glob_escape(text: str) -> str:
@@ -252,7 +255,7 @@ def _run_video(
 
 def _save_pictures(args: argparse.Namespace, name: Path, array, result: ImageResult) -> None:
     if args.annotate:
-        path = Path(args.annotate) / name.with_name(name.name + ".png")
+        path = _annotated_path(args.annotate, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         annotate(array, result).save(path)
     if args.cam:
