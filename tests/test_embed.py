@@ -189,6 +189,23 @@ def test_missing_sklearn_names_the_extra(monkeypatch):
     assert str(info.value) == (
         'Computing t-SNE maps and silhouettes needs sklearn, which is not installed: pip install "timm-acsi[embed]"'
     )
+    with pytest.raises(MissingExtraError, match="timm-acsi\\[embed\\]"), limited_threads(1):
+        pass  # not threadpoolctl's ModuleNotFoundError
+
+
+def test_limited_threads_restores_torch_threads():
+    before = torch.get_num_threads()  # 1, from the module fixture
+    with limited_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before == 1
+
+
+def test_a_damaged_record_is_refused():
+    record = Embedding("m", "src", np.arange(3), np.zeros((3, 2)), 512, 0.1, 0.2).to_dict()
+    assert Embedding.from_dict(record).points.shape == (3, 2)
+    record["labels"] = record["labels"][:2]
+    with pytest.raises(ValueError, match="m: 2 labels but 3 points"):
+        Embedding.from_dict(record)
 
 
 # -------------------------------------------------------------------------------------------------- figure
@@ -278,6 +295,8 @@ def test_cli_refuses_bad_input_before_computing(files, capsys):
         ),
         (["--out", str(out), "--model", str(other)], "only the dataset has neutral; only the model has contempt"),
         (["--out", str(files.tmp / "fig.txt")], "no image suffix"),
+        (["--out", str(files.tmp / "fig.psd")], "no image suffix Pillow writes"),  # Pillow reads .psd, never writes it
+        (["--out", str(out), "--max-samples", "7"], "got 7 class(es) in 7 samples"),
     ]
     for args, message in cases:
         assert _embed(files, *args) == 2

@@ -38,6 +38,7 @@ __all__ = [
     "limited_threads",
     "check_model_labels",
     "check_perplexity",
+    "check_classes",
     "stratified_indices",
     "extract_features",
     "tsne_2d",
@@ -91,6 +92,7 @@ def limited_threads(threads: Optional[int]) -> Iterator[None]:
     if threads is None:
         yield
         return
+    require_sklearn()  # threadpoolctl comes with scikit-learn: without it, name the extra
     from threadpoolctl import threadpool_limits
 
     previous = torch.get_num_threads()
@@ -133,11 +135,19 @@ class Embedding:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Embedding":
+        """The embedding :meth:`to_dict` wrote (without its features), e.g. to redraw a figure from ``--json``."""
+        labels = np.asarray(data["labels"], dtype=np.int64)
+        points = np.asarray(data["points"], dtype=np.float64).reshape(-1, 2)
+        if len(labels) != len(points):
+            raise ValueError(
+                f"{data['name']}: {len(labels)} labels but {len(points)} points; the record is damaged, "
+                "write it again with timm-acsi embed --json."
+            )
         return cls(
             name=data["name"],
             source=data["source"],
-            labels=np.asarray(data["labels"], dtype=np.int64),
-            points=np.asarray(data["points"], dtype=np.float64).reshape(-1, 2),
+            labels=labels,
+            points=points,
             feature_dim=int(data["feature_dim"]),
             silhouette_features=float(data["silhouette_features"]),
             silhouette_2d=float(data["silhouette_2d"]),
@@ -261,6 +271,16 @@ def check_perplexity(perplexity: float, n_samples: int) -> None:
         )
 
 
+def check_classes(labels: Sequence[int]) -> None:
+    """A silhouette needs between 2 and ``n - 1`` classes among ``n`` samples."""
+    present = len(np.unique(np.asarray(labels)))
+    if not 2 <= present <= len(labels) - 1:
+        raise ValueError(
+            f"A silhouette needs 2 to n-1 classes among n samples; got {present} class(es) in {len(labels)} "
+            "samples. Use more samples (--max-samples) or a split holding several classes."
+        )
+
+
 def tsne_2d(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
     """scikit-learn t-SNE of ``features`` to ``[N, 2]`` (PCA initialisation, ``seed``: reproducible)."""
     manifold, _ = require_sklearn()
@@ -273,12 +293,7 @@ def silhouette(points: np.ndarray, labels: np.ndarray, metric: str = SILHOUETTE_
     """Mean silhouette of the true classes (scikit-learn ``silhouette_score``): +1 tight, separated classes;
     0 overlapping; negative, points nearer another class than their own."""
     _, metrics = require_sklearn()
-    present = len(np.unique(labels))
-    if not 2 <= present <= len(labels) - 1:
-        raise ValueError(
-            f"A silhouette needs 2 to n-1 classes among n samples; got {present} class(es) in {len(labels)} "
-            "samples. Use more samples (--max-samples) or a split holding several classes."
-        )
+    check_classes(labels)
     return float(metrics.silhouette_score(points, labels, metric=metric))
 
 

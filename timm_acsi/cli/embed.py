@@ -24,6 +24,7 @@ from ._args import add_loader_args, positive_int
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    """The command line of ``timm-acsi embed``."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="t-SNE maps and silhouette scores of the pooled features of models on a FER dataset split.",
@@ -64,9 +65,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def check_outputs(out: str, json_path: Optional[str], overwrite: bool) -> str:
     """Refuse outputs that exist (without ``overwrite``), are folders, coincide or have no image suffix;
     returns the Pillow format of ``out``. Called before anything is computed."""
-    formats = Image.registered_extensions()
-    fmt = formats.get(Path(out).suffix.lower())
-    if fmt is None:
+    Image.init()  # every plugin, so that Image.SAVE lists every format Pillow writes
+    fmt = Image.registered_extensions().get(Path(out).suffix.lower())
+    if fmt not in Image.SAVE:
         raise ValueError(f"--out {out} has no image suffix Pillow writes: name it FIG.png.")
     paths = [Path(p) for p in (out, json_path) if p]
     if json_path and Path(json_path).resolve() == Path(out).resolve():
@@ -90,6 +91,7 @@ def display_names(architectures: Sequence[str], sources: Sequence[str]) -> List[
 
 
 def format_table(embeddings: Sequence[embed.Embedding]) -> str:
+    """One row per model: samples, feature size, both silhouettes and seconds."""
     header = (
         f"{'model':<24} {'samples':>7} {'feature dim':>11} {'silhouette features':>19} {'silhouette 2-D':>14} "
         f"{'seconds':>8}"
@@ -103,6 +105,7 @@ def format_table(embeddings: Sequence[embed.Embedding]) -> str:
 
 
 def main(argv: Sequence[str], prog: str = "timm-acsi embed") -> int:
+    """Load the models and the split, check everything, then embed, print the table and write the files."""
     args = build_parser(prog).parse_args(list(argv))
     fmt = check_outputs(args.out, args.json, args.overwrite)
     try:
@@ -116,6 +119,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi embed") -> int:
         embed.check_model_labels(loaded, dataset.label_names)
     indices = embed.stratified_indices(dataset.targets, args.max_samples, args.seed)
     embed.check_perplexity(args.perplexity, len(indices))
+    embed.check_classes([dataset.targets[i] for i in indices])
 
     names = display_names([m.architecture for m in models], [m.source for m in models])
     embeddings = []
