@@ -17,6 +17,7 @@ import timm
 import torch
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
+from timm_acsi.cli._args import positive_int
 from timm_acsi.profiling import Latency, measure_latency
 
 BASELINE = "resnet18"
@@ -49,13 +50,15 @@ def report(latency: Dict[str, Latency], names: List[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=[BASELINE, "coresnet18", "acsinet18"], help="resnet18 is added")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-classes", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds; the median is reported")
-    parser.add_argument("--iters", type=int, default=5, help="forwards per model and round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards per model (the first compiles)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--img-size", type=positive_int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--num-classes", type=positive_int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=9, help="interleaved rounds; the median is reported")
+    parser.add_argument("--iters", type=positive_int, default=5, help="forwards per model and round")
+    parser.add_argument(
+        "--warmup", type=positive_int, default=3, help="untimed forwards per model (at least 1: the first compiles)"
+    )
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if BASELINE not in args.models:
         args.models.insert(0, BASELINE)

@@ -1,9 +1,9 @@
 """Inference latency of PyTorch (eager) vs onnxruntime for timm's resnet18, coresnet18 and acsinet18.
 
 Each model is exported with ``timm_acsi.export.export_onnx`` (parity checked) into a temporary folder, then run
-by both runtimes with the same number of CPU threads, in interleaved rounds (A B C A B C ...) so that a change
+by both runtimes with the same number of CPU threads, in interleaved rounds (A B C, B C A, ...) so that a change
 in machine load hits every model alike. Reported: median latency per batch, the torch/onnxruntime speed-up and
-each runtime's ratio to resnet18 in the same run::
+each runtime's time ratio to resnet18 in the same run (``t/r18``: above 1 is slower)::
 
     python benchmarks/export_latency.py                                  # batch 1 and 32 at 224x224
     python benchmarks/export_latency.py --img-size 112 --rounds 2 --iters 5 --large-iters 1 --threads 2
@@ -21,15 +21,14 @@ import numpy as np
 import onnxruntime as ort
 import timm
 import torch
+from train_throughput import CLOCKS, add_clock_args, check_clock
 
+from timm_acsi.cli._args import non_negative_int, positive_int
 from timm_acsi.export import OnnxBackend, export_onnx
 from timm_acsi.labels import FER7_LABELS
 
 BASELINE = "resnet18"
 RUNTIMES = ("torch", "onnxruntime")
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _mean_ms(fn: Callable[[], object], iters: int, clock: Callable[[], float]) -> float:
@@ -56,23 +55,22 @@ def _runners(models: Dict[str, torch.nn.Module], folder: Path, args: argparse.Na
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[BASELINE, "coresnet18", "acsinet18"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model, runtime and batch size")
-    parser.add_argument("--iters", type=int, default=10, help="timed calls per round at batch sizes up to 8")
-    parser.add_argument("--large-iters", type=int, default=2, help="timed calls per round at larger batch sizes")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for both runtimes")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 32])
+    parser.add_argument("--img-size", type=positive_int, default=224)
     parser.add_argument(
-        "--clock",
-        choices=tuple(CLOCKS),
-        default="wall",
-        help="wall: latency (default); cpu: CPU time of this process, summed over threads (use with --threads 1 "
-        "on a machine shared with other jobs, where wall time measures the other jobs too)",
+        "--warmup", type=non_negative_int, default=1, help="untimed calls per model, runtime and batch size"
     )
+    parser.add_argument("--iters", type=positive_int, default=10, help="timed calls per round at batch sizes up to 8")
+    parser.add_argument(
+        "--large-iters", type=positive_int, default=2, help="timed calls per round at larger batch sizes"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds")
+    add_clock_args(parser)
     args = parser.parse_args()
+    check_clock(parser, args)
     if BASELINE not in args.models:
         args.models.insert(0, BASELINE)
+    args.threads = args.threads or torch.get_num_threads()  # both runtimes get the same number
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
@@ -94,8 +92,10 @@ def main() -> None:
         for fn in calls.values():
             for _ in range(args.warmup):
                 fn()
-        for _ in range(args.rounds):
-            for key, fn in calls.items():
+        keys = list(calls)
+        for r in range(args.rounds):  # the first call rotates between rounds: none is always measured first
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                fn = calls[key]
                 iters = args.iters if key[2] <= 8 else args.large_iters
                 times.setdefault(key, []).append(_mean_ms(fn, iters, CLOCKS[args.clock]))
 
@@ -105,9 +105,9 @@ def main() -> None:
         f"{torch.__version__} (eager, inference_mode) and onnxruntime {ort.__version__} (CPUExecutionProvider), "
         f"median of {args.rounds} rounds (x {args.iters} calls at batch <= 8, x {args.large_iters} above)"
     )
-    header = f"{'model':<12} {'batch':>5} {'torch ms':>10} {'ORT ms':>10} {'torch/ORT':>10} {'torch vs r18':>13} "
+    header = f"{'model':<12} {'batch':>5} {'torch ms':>10} {'ORT ms':>10} {'torch/ORT':>10} {'torch t/r18':>13} "
     rate = "ORT img/s" if args.clock == "wall" else "ORT img/cpu-s"
-    print(header + f"{'ORT vs r18':>11} {rate:>13}")
+    print(header + f"{'ORT t/r18':>11} {rate:>13}")
     for bs in args.batch_sizes:
         base = {rt: statistics.median(times[BASELINE, rt, bs]) for rt in RUNTIMES}
         for name in args.models:

@@ -18,7 +18,7 @@ machine load hits all alike. The profiler adds a few microseconds per op, and ma
 little inflated for the many small ops; time ratios belong to ``timm-acsi profile --latency`` and
 ``benchmarks/scaling_sweep.py``. Run it niced on a shared machine::
 
-    nice -n 19 python benchmarks/profile_ops.py --markdown docs/speed_ops.md
+    nice -n 19 python benchmarks/profile_ops.py --markdown ops.md      # the tables of docs/speed_ops.md
     python benchmarks/profile_ops.py --img-size 48 --batch-sizes 64 --modes train
 """
 
@@ -37,6 +37,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
+from timm_acsi.cli._args import check_new_file, non_negative_int, positive_int
 from timm_acsi.layers import CoConv2d
 
 BASELINE = "resnet18"
@@ -201,16 +202,25 @@ def _format(headers: List[str], rows: List[List[str]], markdown: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[BASELINE, "coresnet18", "acsinet18"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 32])
+    parser.add_argument("--img-size", type=positive_int, default=224)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000, as the paper)")
-    parser.add_argument("--warmup", type=int, default=1, help="unprofiled steps per model and setting")
-    parser.add_argument("--iters", type=int, default=3, help="profiled steps per model and setting (interleaved)")
-    parser.add_argument("--top", type=int, default=15, help="ops listed per model")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--num-classes", type=positive_int, default=1000, help="classifier size (default 1000, as the paper)"
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="unprofiled steps per model and setting")
+    parser.add_argument(
+        "--iters", type=positive_int, default=3, help="profiled steps per model and setting (interleaved)"
+    )
+    parser.add_argument("--top", type=positive_int, default=15, help="ops listed per model")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the tables as Markdown")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --markdown file")
     args = parser.parse_args()
+    try:
+        check_new_file(args.markdown, args.overwrite)  # before profiling: no work only to be refused
+    except OSError as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -21,9 +21,19 @@ from typing import Callable, Dict, Sequence, Tuple
 import timm
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from train_throughput import BASELINE, CLOCKS, add_run_args, interleaved, prepare_run, sync, train_step
+from train_throughput import (
+    BASELINE,
+    CLOCKS,
+    add_run_args,
+    check_new_files,
+    interleaved,
+    prepare_run,
+    sync,
+    train_step,
+)
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
+from timm_acsi.cli._args import positive_int
 
 MODES = ("inference", "training")
 #: (mode, image size, batch size) -> model -> seconds per call
@@ -166,17 +176,21 @@ def plot(results: Results, names: Sequence[str], path: Path, title: str) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[BASELINE, "coresnet18", "acsinet18"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
-    parser.add_argument("--img-sizes", nargs="+", type=int, default=[48, 112, 224])
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 8, 32, 64])
+    parser.add_argument("--img-sizes", nargs="+", type=positive_int, default=[48, 112, 224])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--num-classes", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell; the median is reported")
+    parser.add_argument("--num-classes", type=positive_int, default=7)
+    parser.add_argument(
+        "--rounds", type=positive_int, default=5, help="interleaved rounds per cell; the median is reported"
+    )
     parser.add_argument("--min-time", type=float, default=0.25, help="seconds each measurement lasts at least")
     add_run_args(parser)
-    parser.add_argument("--plot", type=Path, default=Path("scaling_sweep.png"), help="PNG of the ratios")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the ratios as a PNG")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --plot / --markdown files")
     args = parser.parse_args()
-    device, memory_format = prepare_run(args)
+    check_new_files(parser, [args.plot, args.markdown], args.overwrite)
+    device, memory_format = prepare_run(parser, args)
     torch.manual_seed(0)
     models = {
         name: timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=memory_format)
@@ -200,8 +214,9 @@ def main() -> None:
     if args.markdown:
         args.markdown.write_text(f"Time ratio to {BASELINE} ({title}).\n\n{ratio_table(results, args.models, True)}\n")
         print(f"wrote {args.markdown}")
-    plot(results, args.models, args.plot, f"coresnet18 / acsinet18 vs {BASELINE}: {title}")
-    print(f"wrote {args.plot}")
+    if args.plot:
+        plot(results, args.models, args.plot, f"coresnet18 / acsinet18 vs {BASELINE}: {title}")
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ machine load hits every model alike; the median round is reported with its ratio
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
+from timm_acsi.cli._args import check_new_file, non_negative_int, positive_int
 
 BASELINE = "resnet18"
 #: ``wall``: elapsed time; ``cpu``: CPU time of the process (all its threads), for a machine shared with other
@@ -28,6 +30,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer sees it done (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -79,12 +82,39 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or the process's CPU time")
+    add_clock_args(parser)
 
 
-def prepare_run(args: argparse.Namespace) -> Tuple[torch.device, torch.memory_format]:
-    """Put the baseline among ``args.models``, set the thread count; the run's device and memory format."""
+def add_clock_args(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--clock``, checked together by :func:`check_clock`."""
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="wall",
+        help="wall time (default), or the CPU time of this process (with --threads 1, on a CPU shared with other jobs)",
+    )
+
+
+def check_clock(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--clock cpu`` sums the CPU time of every thread, idle OpenMP threads' spinning included: one thread only."""
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (idle threads' spinning would be counted as work)")
+
+
+def check_new_files(parser: argparse.ArgumentParser, paths: Sequence[Optional[Path]], overwrite: bool) -> None:
+    """Refuse, before anything is measured, output files that exist (without ``--overwrite``) or are folders."""
+    try:
+        for path in paths:
+            check_new_file(path, overwrite)
+    except OSError as e:
+        parser.error(str(e))
+
+
+def prepare_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tuple[torch.device, torch.memory_format]:
+    """Check the clock, put the baseline among ``args.models``, set the thread count; the run's device and memory
+    format."""
+    check_clock(parser, args)
     if BASELINE not in args.models:
         args.models.insert(0, BASELINE)
     if args.threads:
@@ -95,15 +125,15 @@ def prepare_run(args: argparse.Namespace) -> Tuple[torch.device, torch.memory_fo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[BASELINE, "coresnet18", "acsinet18"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before measuring")
-    parser.add_argument("--iters", type=int, default=5, help="timed steps per model per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--img-size", type=positive_int, default=224)
+    parser.add_argument("--num-classes", type=positive_int, default=7)
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per model before measuring")
+    parser.add_argument("--iters", type=positive_int, default=5, help="timed steps per model per round")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds")
     add_run_args(parser)
     args = parser.parse_args()
-    device, memory_format = prepare_run(args)
+    device, memory_format = prepare_run(parser, args)
 
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -126,7 +156,7 @@ def main() -> None:
         f"x {args.iters} steps"
     )
     base = statistics.median(rates[BASELINE])
-    print(f"{'model':<12} {'images/s':>10} {'min':>8} {'max':>8} {'vs resnet18':>12}")
+    print(f"{'model':<12} {'images/s':>10} {'min':>8} {'max':>8} {'img/s vs r18':>12}")
     for name, values in rates.items():
         median = statistics.median(values)
         print(f"{name:<12} {median:>10.1f} {min(values):>8.1f} {max(values):>8.1f} {median / base:>12.3f}")

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def _script(name: str, *argv: str) -> subprocess.CompletedProcess:
+def _script(name: str, *argv: str, returncode: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(BENCHMARKS / name), "--threads", "1", *argv]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == returncode, result.stderr
     return result
 
 
@@ -39,6 +39,54 @@ def test_scaling_sweep_writes_a_ratio_table_and_a_plot(tmp_path):
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
     # two panels (one per mode) side by side, a legend line per model and one for the input sizes
     assert Image.open(png).size == (70 + 2 * (560 + 70) + 10, 60 + 400 + 60 + 24 * 2)
+
+
+def test_scaling_sweep_refuses_to_overwrite_before_measuring(tmp_path):
+    md = tmp_path / "scaling.md"
+    md.write_text("kept")
+    argv = ["--models", "resnet18", "--batch-sizes", "2", "--img-sizes", "32", "--rounds", "1", "--min-time", "0"]
+    err = _script("scaling_sweep.py", *argv, "--markdown", str(md), returncode=2).stderr
+    assert f"error: {md} exists: pass --overwrite to replace it." in err and md.read_text() == "kept"
+    out = _script("scaling_sweep.py", *argv, "--markdown", str(md), "--overwrite").stdout
+    assert md.read_text().startswith("Time ratio to resnet18") and "wrote" in out and ".png" not in out  # no --plot
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("train_throughput.py", ["--clock", "cpu", "--threads", "2"], "--clock cpu needs --threads 1"),
+        ("train_throughput.py", ["--iters", "0"], "argument --iters: must be at least 1, got 0"),
+        ("compile_speedup.py", ["--warmup", "0"], "argument --warmup: must be at least 1, got 0"),
+        ("predict_throughput.py", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        ("export_latency.py", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ],
+)
+def test_benchmark_options_are_checked(name, argv, message):
+    """Bad settings stop at the command line (exit 2), not in a ZeroDivisionError or a misleading number."""
+    assert message in _script(name, *argv, returncode=2).stderr
+
+
+def test_predict_throughput_times_every_step_and_model():
+    out = _script(
+        "predict_throughput.py", "--models", "coresnet18", "--sizes", "32", "--batch-sizes", "2",
+        "--rounds", "1", "--iters", "1", "--clock", "cpu",
+    ).stdout  # fmt: skip
+    assert "(1 torch threads, 1 OpenCV threads), cpu clock" in out
+    assert "CPU ms/image" in out and "crop -> 32x32" in out and "end to end rec(photo), acsinet18 at 32" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("resnet18 ", "coresnet18 "))}
+    assert rows["resnet18"][1:3] == ["32", "2"] and rows["resnet18"][-1] == "1.000"
+    assert float(rows["coresnet18"][-1]) > 0
+
+
+def test_export_latency_times_both_runtimes():
+    out = _script(
+        "export_latency.py", "--models", "resnet18", "--img-size", "32", "--batch-sizes", "1",
+        "--warmup", "0", "--rounds", "1", "--iters", "1", "--clock", "cpu",
+    ).stdout  # fmt: skip
+    assert "exported resnet18" in out and "(tolerance 1e-04: passed)" in out
+    header, row = out.splitlines()[-2:]
+    assert header.split()[-3:] == ["t/r18", "ORT", "img/cpu-s"]
+    assert row.split()[:2] == ["resnet18", "1"] and row.split()[5:7] == ["1.000", "1.000"]
 
 
 def test_train_throughput_prints_every_model_with_its_ratio():

@@ -1,8 +1,9 @@
-"""Argument types shared by the ``timm-acsi`` subcommands."""
+"""Argument types and checks shared by the ``timm-acsi`` subcommands (and the benchmark scripts)."""
 
 import argparse
 import os
-from typing import Any, List, Tuple
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
 
 import yaml
 
@@ -44,6 +45,17 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def check_new_file(path: Optional[Path], overwrite: bool) -> None:
+    """Refuse an output path that is a folder, or an existing file without ``--overwrite`` (``None``: no output).
+    Called before anything is computed, so that no work is done only to be refused."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: pass a file path (e.g. {path / 'table.md'}).")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --overwrite to replace it.")
 
 
 def add_loader_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:

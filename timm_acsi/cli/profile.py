@@ -16,7 +16,7 @@ import torch
 from .. import profiling
 from ..checkpoint import atomic_write
 from ..profiling import LATENCY_BASELINE, PAPER_FIGURES, LatencySettings, LayerParity, ModelParity, ProfileReport
-from ._args import non_negative_int, positive_int
+from ._args import check_new_file, non_negative_int, positive_int
 
 MAX_FAILURES_SHOWN = 5
 
@@ -211,16 +211,6 @@ def _argv_repro(args: argparse.Namespace, report: ProfileReport) -> List[str]:
     return argv
 
 
-def _check_output(path: Optional[Path], overwrite: bool) -> None:
-    """Refuse a ``--markdown``/``--json`` path that is a folder, or an existing file without ``--overwrite``."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder: pass a file path (e.g. {path / 'table.md'}).")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: pass --overwrite to replace it.")
-
-
 def _versions() -> Dict[str, str]:
     import timm
 
@@ -344,7 +334,7 @@ def main(argv: Sequence[str], prog: str = "timm-acsi profile") -> int:
     args = _parser(prog).parse_args(argv)
     specs = profiling.resolve_specs([n for arg in args.models for n in arg.split(",") if n])
     for path in (args.markdown, args.json):  # before profiling: nothing is computed only to be refused
-        _check_output(path, args.overwrite)
+        check_new_file(path, args.overwrite)
     latency = _latency_settings(args)
     input_size = (args.batch_size, 3, args.img_size, args.img_size)
     versions = _versions()
