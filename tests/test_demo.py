@@ -5,6 +5,7 @@ import configparser
 import csv
 import io
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+import timm_acsi.demo as demo_pkg
 from timm_acsi import FER7_LABELS
 from timm_acsi.cli import demo as demo_cli
 from timm_acsi.demo import (
@@ -27,6 +29,7 @@ from timm_acsi.demo import (
     default_examples,
     error_message,
     import_gradio,
+    launch,
     load_recognizers,
     predict_page,
     probability_chart,
@@ -353,6 +356,27 @@ def test_page_in_headless_chromium(photo, result, tmp_path):
     text = log.read_text()
     assert "timm-acsi demo: 2 models loaded in" in text and "acsinet18.fer2013, coresnet18.fer2013" in text
     assert f"http://127.0.0.1:{port}" in text
+
+
+class _FakeApp:
+    def __init__(self):
+        self.launched = []
+
+    def launch(self, **kwargs):
+        self.launched.append(kwargs)
+
+
+def test_launch_limits_uploads_locally_and_on_a_space(monkeypatch):
+    """``timm-acsi demo`` and a Space's ``app.py`` both serve through ``launch``: uploads up to 50 MB either way."""
+    app = _FakeApp()
+    launch(app, "0.0.0.0", 8000, share=True)
+    assert app.launched == [dict(server_name="0.0.0.0", server_port=8000, share=True, max_file_size="50mb")]
+
+    space = _FakeApp()
+    monkeypatch.setattr(demo_pkg, "load_recognizers", lambda tags: list(tags))
+    monkeypatch.setattr(demo_pkg, "build_app", lambda recognizers, examples: space)
+    runpy.run_path(str(Path(__file__).parents[1] / "app.py"), run_name="__main__")
+    assert space.launched == [dict(server_name=None, server_port=None, share=False, max_file_size="50mb")]
 
 
 def test_space_requirements_install_this_checkout_with_the_demo_extra():

@@ -202,9 +202,10 @@ def build_app(
     return app
 
 
-def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    """Serve ``app`` until interrupted: on ``host`` only (this machine by default), no public link unless
-    ``share``, uploads up to :data:`MAX_FILE_SIZE`."""
+def launch(app: Any, host: Optional[str] = None, port: Optional[int] = None, share: bool = False) -> None:
+    """Serve ``app`` until interrupted: on ``host`` only, no public link unless ``share``, uploads up to
+    :data:`MAX_FILE_SIZE`. ``None`` host or port: Gradio's own choice (``GRADIO_SERVER_NAME`` /
+    ``GRADIO_SERVER_PORT``, as a Space sets them, else 127.0.0.1 and the first free port from 7860)."""
     app.launch(
         server_name=host,
         server_port=port,
