@@ -1,5 +1,38 @@
-import pytest
-import torch
+import ipaddress
+import os
+import socket
+
+# Before anything imports huggingface_hub: it reads HF_HUB_OFFLINE once, at import (setting it later in a test does
+# nothing). Subprocesses inherit both.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_REAL_CONNECT = socket.socket.connect
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost
+
+
+def _guarded_connect(sock: socket.socket, address) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(str(address[0])):
+        raise ConnectionRefusedError(f"tests never reach the network: connecting to {address} was refused")
+    return _REAL_CONNECT(sock, address)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test reaches the network: connections to anything but this machine fail at once (local servers, such
+    as the browser demo's, are fine)."""
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
 
 
 @pytest.fixture(scope="module")

@@ -44,11 +44,6 @@ def _input(model: torch.nn.Module) -> torch.Tensor:
     return timm.data.create_transform(**cfg)(img).unsqueeze(0)
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 @pytest.mark.parametrize("arch", FER2013_SHIPPED)
 def test_fer2013_tag_is_the_default_and_loads_offline(arch):
     model = timm.create_model(arch, pretrained=True).eval()

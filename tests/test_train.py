@@ -631,10 +631,9 @@ def test_evaluate_refuses_flags_contradicting_the_checkpoint(run, capsys):
     assert "drop label_names (--label-names)" in capsys.readouterr().err
 
 
-def test_evaluate_takes_run_folders_tags_and_hub_folders(run, tmp_path, monkeypatch, capsys):
+def test_evaluate_takes_run_folders_tags_and_hub_folders(run, tmp_path, capsys):
     """A run folder scores as its best.safetensors; the shipped tag, its Hub folder and that folder's bare weights
     file with the facts spelled out all give one result on 48x48 gray FER-2013 faces."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg, run_dir, metrics = run
     assert evaluate_checkpoint(run_dir, cfg.data, split="val", workers=0) == metrics
     fer = make_fer2013_folders(tmp_path / "fer2013", {"Training": 1, "PublicTest": 1, "PrivateTest": 3})
