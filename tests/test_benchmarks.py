@@ -11,6 +11,8 @@ import timm
 import torch
 from PIL import Image
 
+from timm_acsi.profiling import Latency
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -114,6 +116,32 @@ def test_compile_speedup_times_each_model_eager_and_compiled():
     assert rows["resnet18"][3:] == [1.0, 1.0]
     for eager, compiled, ratio, *_ in rows.values():
         assert eager > 0 and compiled > 0 and ratio > 0
+
+
+def _load(name: str, monkeypatch):
+    """A benchmark script as a module (its folder on sys.path: the scripts import train_throughput)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratio_columns_divide_the_right_way(monkeypatch):
+    """Time ratios are model / resnet18 (above 1: slower), from fixed medians rather than measured ones."""
+    compile_speedup = _load("compile_speedup", monkeypatch)
+    latency = {
+        name: Latency(median_ms=ms, min_ms=ms, rounds=1, iters=1)
+        for name, ms in [("resnet18", 10.0), ("resnet18 (compiled)", 5.0), ("a", 20.0), ("a (compiled)", 8.0)]
+    }
+    rows = compile_speedup.report(latency, ["resnet18", "a"]).splitlines()[1:]
+    assert [row.split() for row in rows] == [
+        ["resnet18", "10.0", "5.0", "0.500", "1.000", "1.000"],
+        ["a", "20.0", "8.0", "0.400", "2.000", "1.600"],
+    ]
+    scaling_sweep = _load("scaling_sweep", monkeypatch)
+    table = scaling_sweep.ratio_table({("inference", 48, 1): {"resnet18": 0.004, "a": 0.005}}, ["resnet18", "a"], True)
+    assert table.splitlines()[-1] == "| inference | 48 | 1 | 4.0 | 1.250 |"
 
 
 @pytest.fixture(scope="module")

@@ -84,9 +84,9 @@ def test_every_command_has_the_same_main_signature():
 
 @pytest.mark.parametrize("command", ["evaluate", "profile"])
 def test_img_size_is_spelled_the_same_everywhere(command, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         cli.main([command, "--help"])
-    assert "--img-size" in capsys.readouterr().out
+    assert info.value.code == 0 and "--img-size" in capsys.readouterr().out
 
 
 def test_a_failed_parity_check_is_a_failure_not_bad_input():

@@ -395,7 +395,7 @@ def test_plain_tensor_pth_is_accepted_with_flags(work, fast_profile):
     result = hub.publish(ckpt, REPO_ID, model="acsinet18", label_names=labels, dry_run_dir=out)
     assert result.spec.label_names == FER7_LABELS and result.spec.input_size == (3, 224, 224)
     published_sd = load_file(str(out / "model.safetensors"))
-    assert all(torch.equal(sd[k], published_sd[k]) for k in sd)
+    assert published_sd.keys() == sd.keys() and all(torch.equal(sd[k], published_sd[k]) for k in sd)
 
 
 def _listing(folder):

@@ -39,18 +39,20 @@ def _cfg(dataset: Path, output: Path, **kwargs) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def ema_run(dataset, tmp_path_factory):
-    """One 2-epoch run with a weight average of decay 0.8; returns (config, run folder, steps given to update)."""
-    steps, real = [], ModelEmaV3.update
+    """One 2-epoch run with a weight average of decay 0.8; returns (config, run folder, steps given to update, the
+    classifier weights each update saw)."""
+    steps, weights, real = [], [], ModelEmaV3.update
 
     def spy(self, model, step=None):
         steps.append(step)
+        weights.append(model.fc.weight.detach().clone())
         return real(self, model, step)
 
     cfg = _cfg(dataset, tmp_path_factory.mktemp("runs") / "ema")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ModelEmaV3, "update", spy)
         train(cfg, progress=False)
-    return cfg, Path(cfg.output), steps
+    return cfg, Path(cfg.output), steps, weights
 
 
 def _equal(a, b) -> bool:
@@ -58,24 +60,30 @@ def _equal(a, b) -> bool:
 
 
 def test_the_average_takes_in_every_optimizer_update(ema_run):
-    _, _, steps = ema_run
+    _, _, steps, _ = ema_run
     assert steps == list(range(1, 13))  # 2 epochs x 6 updates; step 1 copies the weights (decay 0 at the start)
 
 
 def test_checkpoints_hold_the_average_and_the_resume_state_both(ema_run):
-    _, run_dir, _ = ema_run
+    """The saved average is the decay-0.8 average of the weights after each optimizer step, written out by hand."""
+    _, run_dir, _, weights = ema_run
     state = torch.load(run_dir / "last_state.pt", weights_only=True)
     last = load_file(str(run_dir / "last.safetensors"))
     assert _equal(last, state["model_ema"])
     assert not _equal(last, state["model"])
+    assert torch.equal(weights[-1], state["model"]["fc.weight"])  # the last update came after the last step
+    expected = weights[0]  # step 1 copies
+    for w in weights[1:]:
+        expected = 0.8 * expected + 0.2 * w
     ema, raw = state["model_ema"]["fc.weight"], state["model"]["fc.weight"]
+    torch.testing.assert_close(ema, expected, atol=1e-6, rtol=0)
     assert (ema - raw).abs().max() > 1e-4  # a decay of 0.8 over 12 updates leaves the average behind
 
 
 def test_the_logged_validation_is_the_saved_average(ema_run):
     """The log's last val_acc and val_loss are those of last.safetensors (the average), re-evaluated from the file;
     the raw weights' loss differs (accuracy alone could not tell them apart on these easy faces)."""
-    cfg, run_dir, _ = ema_run
+    cfg, run_dir, _, _ = ema_run
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     metrics = evaluate_checkpoint(run_dir / "last.safetensors", cfg.data, split="val", workers=0, progress=False)
     assert metrics["accuracy"] == log[-1]["val_acc"]
@@ -92,7 +100,7 @@ def test_the_logged_validation_is_the_saved_average(ema_run):
 def test_resume_restores_the_average_exactly(ema_run, tmp_path):
     """Killed during epoch 2 and resumed: the average (and the raw weights) end bit-identical to the
     uninterrupted run's, so the average was saved and restored, not restarted."""
-    cfg, run_dir, _ = ema_run
+    cfg, run_dir, _, _ = ema_run
     out = tmp_path / "resumed"
     train_killed_in_epoch_2(cfg, out)
     train(dataclasses.replace(cfg, output=str(out)), resume=True, progress=False)

@@ -365,12 +365,14 @@ def test_bad_model_kwargs_raise_value_error(name, kwargs, match):
         _meta(name, **kwargs)
 
 
-@pytest.mark.parametrize("levels", [(0, 3, 2, 1), (4, 3, 2, -1)])
+@pytest.mark.parametrize("levels", [(0, 3, 2, 1), (4, 3, 2, -1), (2.5, 3, 2, 1), ("4", 3, 2, 1)])
 def test_nonpositive_coconv_level_rejected(levels):
-    """A level below 1 means nothing (CoConv2d itself rejects level 0); CoResNet must not silently build a
-    plain conv for it."""
-    with pytest.raises(ValueError, match=r"level"):
+    """A level below 1 means nothing (CoConv2d itself rejects level 0), and a level is a whole number of branches;
+    CoResNet must not silently build a plain conv for either."""
+    expected = f"coconv_levels must be integers >= 1 (1 = plain conv), got {list(levels)}."
+    with pytest.raises(ValueError) as info:
         _meta("coresnet18", coconv_levels=levels)
+    assert str(info.value) == expected
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -403,12 +405,16 @@ def test_forward_and_grad_checkpointing(name):
     assert torch.isfinite(out).all()
     with torch.no_grad():
         torch.testing.assert_close(out, _cached(name)(x), rtol=0, atol=0)  # _build copied the weights exactly
+    calls, block = [], model.layer2[0]  # counted in forward itself: module hooks do not fire when it is recomputed
+    block.forward = lambda x, forward=block.forward: calls.append(1) or forward(x)
+    model(x).sum().backward()
+    assert len(calls) == 1
     model.set_grad_checkpointing()
     assert model.grad_checkpointing
     out2 = model(x)
     torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-5)
-    out2.sum().backward()  # the checkpointed graph is differentiable
-    assert model.conv1.weight.grad is not None
+    out2.sum().backward()  # the checkpointed graph is differentiable, and recomputes the stage in backward
+    assert len(calls) == 3 and model.conv1.weight.grad is not None
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

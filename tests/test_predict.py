@@ -233,6 +233,7 @@ def test_batch_size_and_channels_last_do_not_change_results(ckpts, group_photo):
     canvas = group_photo
     one = ExpressionRecognizer(str(ckpts["acsinet18"]), batch_size=1)(canvas)
     big = ExpressionRecognizer(str(ckpts["acsinet18"]), batch_size=64, channels_last=True)(canvas)
+    assert len(one) == len(big) == 3 and [f.box for f in one] == [f.box for f in big]
     for a, b in zip(one, big):
         np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-5)
 

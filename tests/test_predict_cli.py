@@ -238,8 +238,9 @@ def test_bad_arguments(model, photos, capsys):
     assert code == 2 and "--compile compiles the PyTorch model; an .onnx file runs in onnxruntime" in err
     code, _, err = run(capsys, photos, "--model", "coresnet34")
     assert code == 2 and "coresnet34.rafdb has no weights published" in err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         run(capsys, photos, "--model", model, "--every", "0")
+    assert info.value.code == 2 and "argument --every: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_without_model_the_shipped_acsinet18_recognises(photos, capsys):

@@ -248,7 +248,10 @@ def test_cli_latency_and_elementwise(capsys, tmp_path):
     rows = {m["name"]: m for m in data["models"]}
     assert set(rows) == {"resnet18", "coresnet18"}  # the baseline is added and measured in the same run
     assert rows["resnet18"]["latency_ratio"] == {d: 1.0 for d in expected_devices}
-    assert rows["coresnet18"]["latency"]["cpu"]["median_ms"] > 0
+    cpu = {name: row["latency"]["cpu"]["median_ms"] for name, row in rows.items()}
+    assert cpu["coresnet18"] > 0 and rows["coresnet18"]["latency_ratio"]["cpu"] == pytest.approx(
+        cpu["coresnet18"] / cpu["resnet18"]
+    )  # model / resnet18: above 1 is slower
 
 
 def test_cli_paper_flops_columns_only_under_the_papers_convention(capsys):
@@ -384,7 +387,8 @@ def test_cli_compile(monkeypatch, capsys, tmp_path):
     assert "threads, torch.compile), 1 rounds x 1 forwards after 0 warm-up and one compiling forward," in out
     assert json.loads((tmp_path / "t.json").read_text())["models"][0]["latency"]["cpu"]["compiled"] is True
     assert "--latency --device cpu --compile`" in (tmp_path / "t.md").read_text()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         run_command("profile", ["--help"])
+    assert info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--compile latency of the torch.compile'd models (inductor; on CPU it needs a C compiler" in help_text

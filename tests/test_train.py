@@ -497,7 +497,7 @@ def test_resume_after_kill_between_checkpoint_writes(run, tmp_path, monkeypatch)
 
     for name in ("last.safetensors", "best.safetensors"):
         expected, resumed = load_file(str(run_dir / name)), load_file(str(out / name))
-        assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
+        assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected), name
     assert _log_results(out / "log.jsonl") == _log_results(run_dir / "log.jsonl")
     assert json.loads((out / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
 
@@ -522,8 +522,9 @@ def test_evaluate_cli_with_flip_tta(run, tmp_path, capsys):
     assert printed["num_samples"] == 42 and printed["split"] == "val"
     assert (tmp_path / "tta" / "confusion_matrix.png").is_file()
     assert run_command("evaluate", argv[:2] + ["--data", str(tmp_path / "nowhere")]) == 2
-    with pytest.raises(SystemExit):  # --layout takes the known layouts only
+    with pytest.raises(SystemExit) as info:  # --layout takes the known layouts only
         run_command("evaluate", argv + ["--layout", "rafbd"])
+    assert info.value.code == 2 and "argument --layout: invalid choice: 'rafbd'" in capsys.readouterr().err
 
 
 def test_flip_tta_averages_the_softmax_of_each_face_and_its_mirror(run):
@@ -755,7 +756,7 @@ def test_publish_dry_run_of_trained_checkpoint(run, tmp_path, capsys):
     assert config["label_names"] == list(FER7_LABELS)
     published = load_file(str(tmp_path / "hub" / "model.safetensors"))
     best = load_file(str(run_dir / "best.safetensors"))
-    assert all(torch.equal(published[k], best[k]) for k in best)
+    assert published.keys() == best.keys() and all(torch.equal(published[k], best[k]) for k in best)
 
 
 # ------------------------------------------------------------------------------------ settings and bad input
