@@ -337,9 +337,15 @@ def test_eval_transform_is_centre_crop_of_squashed_image():
     out = tf(_position_image(256))
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
     assert _crop_origin(out) == (16, 16, False)
-    # non-square input is squashed to 256x256, not cropped on the long side
-    wide = create_fer_transform(False)(Image.new("RGB", (300, 100)))
-    assert wide.shape == (3, 224, 224)
+    # non-square input is squashed to 256x256, not cropped on the long side: on a 512x128 image with R = x / 2 and
+    # G = 2y, the centre crop of the squashed image runs from 16 to 239 in both (a short-side resize would show
+    # R from 100 to 155)
+    y, x = np.mgrid[0:128, 0:512]
+    wide = Image.fromarray(np.stack([x // 2, 2 * y, np.zeros_like(x)], -1).astype(np.uint8))
+    px = tf(wide) * 255
+    assert px.shape == (3, 224, 224)
+    edges = [px[0, 112, 0], px[0, 112, -1], px[1, 0, 112], px[1, -1, 112]]  # R left/right, G top/bottom
+    assert [v.item() for v in edges] == pytest.approx([16, 239, 16, 239], abs=0.5)
     for _ in range(3):
         assert torch.equal(tf(_position_image(256)), out)  # deterministic
 

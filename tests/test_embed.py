@@ -244,6 +244,12 @@ def test_embed_model_runs_every_step(files):
     assert embedding.silhouette_features == pytest.approx(silhouette(embedding.features, embedding.labels))
     assert embedding.silhouette_2d == pytest.approx(silhouette(embedding.points, embedding.labels))
     assert dataset.transform is None  # the caller's dataset is left as it was
+    # the features are the model's on the chosen faces with its own preprocessing; the map, t-SNE with the settings
+    faces = torch.stack([eval_transform(loaded)(Image.open(dataset.samples[i][0]).convert("RGB")) for i in indices])
+    with torch.inference_mode():
+        expected = loaded.model.forward_head(loaded.model.forward_features(faces), pre_logits=True)
+    np.testing.assert_allclose(embedding.features, expected.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(embedding.points, tsne_2d(embedding.features, perplexity=4, seed=0))
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -17,6 +17,7 @@ from timm_acsi import FER7_LABELS
 from timm_acsi.checkpoint import save_checkpoint
 from timm_acsi.cli import main as cli_main
 from timm_acsi.cli import predict
+from timm_acsi.inference import ExpressionRecognizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,6 +89,9 @@ def test_folder_table_json_csv_and_pictures(model, photos, tmp_path, capsys):
     assert sum(face["probabilities"].values()) == pytest.approx(1.0)
     assert face["label"] == max(face["probabilities"], key=face["probabilities"].get)
     assert face["score"] == face["probabilities"][face["label"]]
+    library = ExpressionRecognizer(str(model))(skdata.astronaut())[0]  # the same photo through the library
+    np.testing.assert_allclose(list(face["probabilities"].values()), list(library.probabilities.values()), atol=1e-6)
+    assert face["detection_score"] == pytest.approx(library.detection_score, abs=1e-6)
     assert empty["file"].endswith("chelsea.jpg") and empty["face"] is None and empty["label"] is None
     assert [u["file"] for u in doc["unreadable"]] == [str(photos / "sub" / "broken.jpg")]
     assert doc["small_faces"] == []

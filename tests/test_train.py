@@ -18,6 +18,7 @@ import timm
 import torch
 import yaml
 from fer_fixtures import make_fer2013_folders, make_folder_dataset, make_rafdb_dataset
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from train_helpers import train_killed_in_epoch_2
@@ -641,6 +642,14 @@ def test_evaluate_takes_run_folders_tags_and_hub_folders(run, tmp_path, capsys):
     folder = Path(timm_acsi.__file__).parent / "weights" / "acsinet18.fer2013"
     by_tag = evaluate_checkpoint("acsinet18.fer2013", fer, workers=0)
     assert by_tag["num_samples"] == 21 and by_tag["label_names"] == list(FER7_LABELS)
+    # the same 21 PrivateTest faces through timm alone: its data config and transform, grayscale as the tag says
+    model = timm.create_model("acsinet18.fer2013", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    matrix = [[0] * 7 for _ in range(7)]
+    for path, target in build_dataset(fer, "test").samples:
+        with Image.open(path) as img, torch.no_grad():
+            matrix[target][int(model(transform(img.convert("L").convert("RGB"))[None]).argmax())] += 1
+    assert by_tag["confusion_matrix"] == matrix
     assert evaluate_checkpoint(folder, fer, workers=0) == by_tag
     assert evaluate_checkpoint(f"local-dir:{folder}", fer, workers=0) == by_tag
     bare = dict(model_name="acsinet18", label_names=FER7_LABELS, img_size=48, resize=48)
