@@ -138,11 +138,16 @@ def test_read_upload_refuses_non_images_broken_and_huge_images_by_name(tmp_path)
 def test_probability_chart_draws_one_bar_per_class_the_predicted_one_highlighted(result):
     face = result[0]
     chart = np.asarray(probability_chart(face, 0))
-    assert chart.shape[1] == 320 and chart.shape[0] > 26 * len(FER7_LABELS)
-    highlighted = np.all(chart == BOX_COLOR, axis=-1)
-    others = np.all(chart == BAR_COLOR, axis=-1)
-    assert highlighted.any() and others.any()
-    assert highlighted.sum(axis=1).max() > others.sum(axis=1).max()  # the predicted class has the longest bar
+    assert chart.shape == (8 + 26 + 8 + 26 * 7 + 8, 320, 3)  # title row, then one 26-pixel row per class
+    rows = chart[55 + 26 * np.arange(7)]  # the middle line of each class's row
+    highlighted = np.all(rows == BOX_COLOR, axis=-1).sum(axis=1)
+    others = np.all(rows == BAR_COLOR, axis=-1).sum(axis=1)
+    assert np.flatnonzero(highlighted).tolist() == [FER7_LABELS.index(face.label)]  # the predicted class alone
+    widths = highlighted + others
+    assert (widths > 0).all()  # a bar for every class, in output order, long as its probability
+    probabilities = np.array([face.probabilities[name] for name in FER7_LABELS])
+    scale = widths.max() / probabilities.max()
+    np.testing.assert_allclose(widths, np.maximum(1, probabilities * scale), atol=2)
 
 
 def test_cam_tiles_are_the_attention_overlays_enlarged_and_captioned(result):
