@@ -110,7 +110,8 @@ def test_entry_point_builds_the_model(hubconf, name):
     assert type(model) is type(ref)
     assert model.pretrained_cfg["architecture"] == name
     assert model.num_classes == 7
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    shapes = [(n, p.shape) for n, p in model.named_parameters()]
+    assert shapes == [(n, p.shape) for n, p in ref.named_parameters()]
 
 
 def test_entry_point_passes_pretrained(hubconf):

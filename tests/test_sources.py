@@ -128,7 +128,8 @@ def test_grayscale_inside_pretrained_cfg_is_read_and_kept_from_timm(hub_folder, 
     raw["pretrained_cfg"]["grayscale"] = True
     (folder / "config.json").write_text(json.dumps(raw))
     (folder / "model.safetensors").write_bytes((hub_folder / "model.safetensors").read_bytes())
-    assert load_model(f"local-dir:{folder}").grayscale is True
+    loaded = load_model(f"local-dir:{folder}")
+    assert loaded.grayscale is True and "grayscale" not in loaded.model.pretrained_cfg
 
 
 def test_hf_hub_from_an_offline_cache(hub_folder, trained, x, tmp_path):
