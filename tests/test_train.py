@@ -49,6 +49,7 @@ from timm_acsi.train import (
 from timm_acsi.train import evaluation as train_evaluation
 from timm_acsi.train import loop as train_loop
 from timm_acsi.train.model import load_scheduler_state, scheduler_state
+from timm_acsi.train.run_folder import RunFolderBusyError, RunFolderLock
 
 LOG_KEYS = {
     "epoch",
@@ -888,6 +889,39 @@ def test_resume_refuses_another_model_or_fewer_epochs(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"timm-acsi train: error: Cannot resume {out}: " in err and message in err and err.count("\n") == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_run_folder_another_training_writes_is_refused(run, tmp_path, capsys):
+    """A second --resume, or an --overwrite, on a folder that a running training holds is refused before it reads or
+    changes anything; once that training ends (its lock goes with its process), the folder is free again."""
+    cfg, run_dir, _ = run
+    out = tmp_path / "busy"
+    shutil.copytree(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    message = f"{out} is in use: another timm-acsi train is writing to it. Wait for that run to end"
+    with RunFolderLock() as running:
+        running.acquire(out)
+        for flag in ("--resume", "--overwrite"):
+            argv = ["--data", str(cfg.data), "--output", str(out), flag, "--epochs", "3", "--quiet"]
+            assert run_command("train", argv) == 2
+            assert f"timm-acsi train: error: {message}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    train(dataclasses.replace(cfg, output=str(out), epochs=3), resume=True, progress=False)
+    with RunFolderLock() as after:
+        after.acquire(out)  # train released it
+
+
+def test_a_new_run_into_a_folder_in_use_is_refused(run, tmp_path):
+    """Two new runs started into one folder: the second stops before its first epoch writes or removes anything."""
+    cfg, _, _ = run
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with RunFolderLock() as first:
+        first.acquire(folder)
+        with pytest.raises(RunFolderBusyError, match="is in use"):
+            train(dataclasses.replace(cfg, output=str(folder)), progress=False)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
 def test_resume_with_another_best_metric_compares_like_with_like(run, tmp_path):

@@ -44,6 +44,7 @@ from .model import (
 )
 from .run_folder import (
     ResumePoint,
+    RunFolderLock,
     clear_run_dir,
     load_resume_point,
     log_config_changes,
@@ -128,7 +129,14 @@ class _State:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, progress: bool) -> Dict[str, Any]:
-    run_dir, point = on_rank0(lambda: _open_run(cfg, resume, overwrite), info)
+    with RunFolderLock() as lock:  # held by rank 0, the process that writes the folder
+        return _train_locked(cfg, info, resume, overwrite, progress, lock)
+
+
+def _train_locked(
+    cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, progress: bool, lock: RunFolderLock
+) -> Dict[str, Any]:
+    run_dir, point = on_rank0(lambda: _open_run(cfg, resume, overwrite, lock), info)
     cfg = dataclasses.replace(cfg, output=str(run_dir))
     data = _load_data(cfg, info)
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -177,6 +185,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
         rng = all_gather(rng_state(info.device), info)
         if info.is_main:
             if point is None and epoch == 0:  # the first epoch of a new run: only now is the folder replaced
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock.acquire(run_dir)  # before anything in it is removed
                 clear_run_dir(run_dir)
             _commit_epoch(
                 run_dir, cfg, state, entry, improved, meta_base, model, ema, optimizer, scheduler, scaler, rng
@@ -185,10 +195,14 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, overwrite: bool, prog
     return _finish(eval_model, cfg, info, data, state, run_dir)
 
 
-def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> Tuple[Path, Optional[ResumePoint]]:
-    """The run folder, checked (and its last completed epoch when resuming): rank 0's decision."""
+def _open_run(
+    cfg: TrainConfig, resume: bool, overwrite: bool, lock: RunFolderLock
+) -> Tuple[Path, Optional[ResumePoint]]:
+    """The run folder, checked and locked if it exists (and its last completed epoch when resuming): rank 0's
+    decision."""
     output = cfg.output or f"runs/{cfg.architecture}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = prepare_run_dir(output, overwrite=overwrite, resume=resume, create=False)
+    lock.acquire(run_dir)
     return run_dir, load_resume_point(run_dir, cfg) if resume else None
 
 

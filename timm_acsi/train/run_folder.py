@@ -7,6 +7,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -15,7 +16,12 @@ import torch
 from ..checkpoint import atomic_write, load_checkpoint
 from .config import TrainConfig, load_config_file
 
-__all__ = ["RUN_FILES", "prepare_run_dir"]
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows: no advisory locks, runs are not guarded against each other
+    _fcntl: Optional[ModuleType] = None
+
+__all__ = ["RUN_FILES", "RunFolderBusyError", "RunFolderLock", "prepare_run_dir"]
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +73,47 @@ def prepare_run_dir(path: PathLike, overwrite: bool = False, resume: bool = Fals
     if create:
         clear_run_dir(path)
     return path
+
+
+class RunFolderBusyError(FileExistsError):
+    """Another process is training into the run folder."""
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder while this process trains into it, so that a second ``timm-acsi train``
+    on the same folder (a second ``--resume``, an ``--overwrite``) is refused instead of interleaving its writes
+    with the first one's. It is the operating system's advisory lock on the folder (``flock``): released when the
+    process ends, however it ends, so a killed run leaves nothing stale behind. Not available on Windows."""
+
+    def __init__(self) -> None:
+        self._fd: Optional[int] = None
+
+    def acquire(self, path: Path) -> None:
+        """Lock ``path`` if it is a folder and this lock holds none yet; raise :class:`RunFolderBusyError` if
+        another process holds it."""
+        if self._fd is not None or _fcntl is None or not path.is_dir():
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"{path} is in use: another timm-acsi train is writing to it. Wait for that run to end (or stop "
+                "it), or pick another --output."
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def clear_run_dir(path: Path) -> None:
