@@ -10,7 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -138,7 +138,7 @@ def plot_confusion_matrix(
     font = ImageFont.load_default(size=max(10, cell // 6))
     small = ImageFont.load_default(size=max(8, cell // 8))
 
-    def text_size(text: str, f) -> tuple:
+    def text_size(text: str, f: ImageFont.FreeTypeFont) -> Tuple[float, float]:
         left, top, right, bottom = f.getbbox(text)
         return right - left, bottom - top
 

@@ -12,7 +12,7 @@ when a run resumes, and on every process of a distributed run.
 import copy
 import logging
 import math
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -80,7 +80,7 @@ def parse_teachers(teacher: str) -> List[str]:
 def teacher_log_probs(
     sources: Sequence[str],
     train_set: Dataset,
-    eval_transform,
+    eval_transform: Callable,
     img_size: int,
     crop_pct: float,
     grayscale: bool,

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
@@ -85,7 +85,8 @@ def evaluate(
     return cm, float(loss_sum) / max(int(cm.sum()), 1)
 
 
-def eval_loader(dataset, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
+    """Validation batches in order, this process's disjoint share of them (every image once across processes)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -96,6 +97,7 @@ def eval_loader(dataset, batch_size: int, workers: int, info: DistInfo) -> DataL
 
 
 def resolve_layout(data: PathLike, layout: str) -> str:
+    """``layout``, or the one detected in ``data`` for ``"auto"``."""
     return detect_layout(data) if layout == "auto" else layout
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
@@ -113,7 +113,7 @@ class _Data:
     eval_transform: Any
 
     @property
-    def sampler(self):
+    def sampler(self) -> Sampler:
         return self.train_loader.sampler
 
 

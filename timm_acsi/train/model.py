@@ -162,7 +162,7 @@ def load_scheduler_state(scheduler: Any, state: Dict[str, Any]) -> None:
         scheduler.load_state_dict(state)
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """Mixed precision context: fp16 on CUDA, bf16 elsewhere."""
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
