@@ -37,7 +37,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
-from timm_acsi.cli._args import check_new_file, non_negative_int, positive_int
+from timm_acsi.cli._args import non_negative_int, positive_int, refuse_existing_files
 from timm_acsi.layers import CoConv2d
 
 BASELINE = "resnet18"
@@ -217,10 +217,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the tables as Markdown")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --markdown file")
     args = parser.parse_args()
-    try:
-        check_new_file(args.markdown, args.overwrite)  # before profiling: no work only to be refused
-    except OSError as e:
-        parser.error(str(e))
+    refuse_existing_files(parser, [args.markdown], args.overwrite)  # before profiling: no work only to be refused
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -25,7 +25,6 @@ from train_throughput import (
     BASELINE,
     CLOCKS,
     add_run_args,
-    check_new_files,
     interleaved,
     prepare_run,
     sync,
@@ -33,7 +32,7 @@ from train_throughput import (
 )
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
-from timm_acsi.cli._args import positive_int
+from timm_acsi.cli._args import positive_int, refuse_existing_files
 
 MODES = ("inference", "training")
 #: (mode, image size, batch size) -> model -> seconds per call
@@ -189,7 +188,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --plot / --markdown files")
     args = parser.parse_args()
-    check_new_files(parser, [args.plot, args.markdown], args.overwrite)
+    refuse_existing_files(parser, [args.plot, args.markdown], args.overwrite)
     device, memory_format = prepare_run(parser, args)
     torch.manual_seed(0)
     models = {

@@ -14,14 +14,13 @@ machine load hits every model alike; the median round is reported with its ratio
 import argparse
 import statistics
 import time
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
 
 import timm_acsi  # noqa: F401  (registers coresnet/acsinet with timm)
-from timm_acsi.cli._args import check_new_file, non_negative_int, positive_int
+from timm_acsi.cli._args import non_negative_int, positive_int
 
 BASELINE = "resnet18"
 #: ``wall``: elapsed time; ``cpu``: CPU time of the process (all its threads), for a machine shared with other
@@ -100,15 +99,6 @@ def check_clock(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """``--clock cpu`` sums the CPU time of every thread, idle OpenMP threads' spinning included: one thread only."""
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (idle threads' spinning would be counted as work)")
-
-
-def check_new_files(parser: argparse.ArgumentParser, paths: Sequence[Optional[Path]], overwrite: bool) -> None:
-    """Refuse, before anything is measured, output files that exist (without ``--overwrite``) or are folders."""
-    try:
-        for path in paths:
-            check_new_file(path, overwrite)
-    except OSError as e:
-        parser.error(str(e))
 
 
 def prepare_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tuple[torch.device, torch.memory_format]:

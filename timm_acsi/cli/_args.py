@@ -3,7 +3,7 @@
 import argparse
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -56,6 +56,16 @@ def check_new_file(path: Optional[Path], overwrite: bool) -> None:
         raise IsADirectoryError(f"{path} is a folder: pass a file path (e.g. {path / 'table.md'}).")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: pass --overwrite to replace it.")
+
+
+def refuse_existing_files(parser: argparse.ArgumentParser, paths: Sequence[Optional[Path]], overwrite: bool) -> None:
+    """:func:`check_new_file` for each path, as the parser's error (exit 2): for the benchmark scripts, which run
+    outside ``timm-acsi``'s error handling."""
+    try:
+        for path in paths:
+            check_new_file(path, overwrite)
+    except OSError as e:
+        parser.error(str(e))
 
 
 def add_loader_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
