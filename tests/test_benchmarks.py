@@ -184,3 +184,26 @@ def test_profile_ops_gives_backward_ops_to_their_forward_group(profile_ops):
     assert {"SigmoidBackward0", "MeanBackward1"} <= backward, backward
     conv_backward = {op for (group, op) in profiles["coresnet18"] if group == profile_ops.CONVS and "Backward" in op}
     assert {"ConvolutionBackward0", "CatBackward0"} <= conv_backward, conv_backward
+
+
+def test_profile_ops_writes_markdown_tables_and_keeps_an_existing_file(tmp_path):
+    md = tmp_path / "ops.md"
+    argv = ["--models", "resnet18", "coresnet18", "--batch-sizes", "1", "--img-size", "32", "--modes", "forward"]
+    argv += ["--num-classes", "7", "--warmup", "0", "--iters", "1", "--top", "3", "--markdown", str(md)]
+    out = _script("profile_ops.py", *argv).stdout
+    assert f"wrote {md}" in out
+    text = md.read_text()
+    assert text.startswith("torch.profiler self CPU time per iteration (ms), 32x32, 1 threads")
+    assert text.count("### batch 1, forward (eval)") == 1 and "Top ops of `coresnet18`:" in text
+    header, _, *rows = _markdown_rows(md)
+    assert header == ["group", "resnet18 ms (share) [vs resnet18]", "coresnet18 ms (share) [vs resnet18]"]
+    summary, ops = rows[:4], rows[4:]
+    assert [row[0] for row in summary] == ["3x3 convs (layer1-3)", "coordinate attention", "rest", "total"]
+    assert summary[1][1:] == ["0.00 (0%)", "0.00 (0%) [+0.00]"]  # neither model has coordinate attention
+    # each op table: a header, its alignment row, the top 3 ops and the total, which equals the summary's total
+    assert len(ops) == 2 * (2 + 3 + 1) and ops[0] == ops[6] == ["group: op", "self ms", "%", "calls"]
+    assert [ops[5][0], ops[11][0]] == ["total (resnet18)", "total (coresnet18)"]
+    assert ops[5][1] == summary[3][1] and ops[11][1] == summary[3][2].split()[0]
+    md.write_text("kept")
+    err = _script("profile_ops.py", *argv, returncode=2).stderr
+    assert f"error: {md} exists: pass --overwrite to replace it." in err and md.read_text() == "kept"
