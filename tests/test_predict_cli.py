@@ -253,7 +253,7 @@ def test_without_model_the_shipped_acsinet18_recognises(photos, capsys):
     code, out, err = default
     assert code == 0, err
     assert out.splitlines()[1].split()[:7] == [str(photos / "astronaut.png"), "-", "0", "177,67,93,93", "7.45",
-                                               "happiness", "0.87"]  # fmt: skip
+                                               "happiness", "0.88"]  # fmt: skip
     assert default == run(capsys, photos / "astronaut.png", "--model", "acsinet18.fer2013")
     code, _, err = run(capsys, photos / "astronaut.png", "--backend", "onnxruntime")
     assert code == 2 and "--backend onnxruntime runs an exported model: pass --model FILE.onnx" in err
